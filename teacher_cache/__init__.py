@@ -1,0 +1,1 @@
+"""Stage one: teacher batch inference into a sharded, verifiable, resumable Zarr cache."""
