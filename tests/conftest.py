@@ -1,0 +1,125 @@
+"""Tiny, self-contained fixtures: real English text from a few standard-library docstrings, a
+WordPiece tokenizer trained on it, and 2-layer BERT masked LMs (hidden 32). No network."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SEQ_LEN = 32
+VOCAB = 300
+
+
+def _docstring_text() -> list[str]:
+    from teacher_cache.docstrings import iter_docstrings, stdlib_root
+
+    docs: list[str] = []
+    for package in ("json", "email", "http"):
+        docs.extend(iter_docstrings(stdlib_root() / package))
+    return docs
+
+
+def _train_tokenizer(texts: list[str]):
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=VOCAB, special_tokens=specials))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+
+
+def tiny_bert_config(vocab_size: int, **overrides):
+    from transformers import BertConfig
+
+    base = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
+    return BertConfig(**{**base, **overrides})
+
+
+@dataclass
+class Assets:
+    root: Path
+    teacher: Path
+    """A complete 2-layer BERT masked LM with its tokenizer."""
+    text_dir: Path
+    """Three .txt files of docstrings (one per package), paragraphs separated by blank lines."""
+    docs: list[str]
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory) -> Assets:
+    from transformers import BertForMaskedLM
+
+    root = tmp_path_factory.mktemp("assets")
+    docs = _docstring_text()
+    text_dir = root / "text"
+    text_dir.mkdir()
+    third = len(docs) // 3
+    for i, chunk in enumerate((docs[:third], docs[third : 2 * third], docs[2 * third :])):
+        (text_dir / f"part{i}.txt").write_text("\n\n".join(chunk) + "\n", encoding="utf-8")
+    tokenizer = _train_tokenizer(docs)
+    torch.manual_seed(0)
+    model = BertForMaskedLM(tiny_bert_config(len(tokenizer))).eval()
+    teacher = root / "teacher"
+    model.save_pretrained(teacher)
+    tokenizer.save_pretrained(teacher)
+    return Assets(root, teacher, text_dir, docs)
+
+
+@pytest.fixture
+def cache_cfg(assets, tmp_path):
+    """A small valid `cache` config (dict form) writing under tmp_path."""
+    return {
+        "max_sequences": 40,
+        "max_eval_sequences": 8,
+        "corpus": {"paths": [str(assets.text_dir / "*.txt")], "max_seq_len": SEQ_LEN, "eval_fraction": 0.1},
+        "masking": {"views": 2},
+        "teacher": {"name": str(assets.teacher), "batch_size": 8, "num_threads": 1},
+        "outputs": {"k": 16},
+        "store": {
+            "cache_dir": str(tmp_path / "home"),
+            "output": str(tmp_path / "cache"),
+            "block_rows": 4,
+            "shard_rows": 8,
+        },
+    }
