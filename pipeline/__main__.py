@@ -1,0 +1,5 @@
+"""`python -m pipeline ...` (also what `torchrun -m pipeline ...` runs)."""
+
+from pipeline.cli import main
+
+main()

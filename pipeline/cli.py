@@ -1,0 +1,152 @@
+"""`pipeline`: the distilcache command line. Parse, validate, log the resolved config, run.
+
+User errors print one line (`error: <problem>; <fix>`) and exit 1; the stages do the work.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from pipeline.config import load_config, to_yaml
+from pipeline.errors import DistilcacheError
+from pipeline.log import setup_logging
+
+log = logging.getLogger("pipeline")
+
+
+def _guard(fn: Callable) -> Callable:
+    """Turn user-facing errors into one line on stderr and a non-zero exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except DistilcacheError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted; finished shards are kept: rerun the same command to resume", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def config_options(fn: Callable) -> Callable:
+    fn = click.option(
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Override a config key (repeatable), e.g. --set outputs.k=32.",
+    )(fn)
+    fn = click.option(
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="YAML config file; the command reads its own section.",
+    )(fn)
+    fn = click.option("--print-config", is_flag=True, help="Print the resolved config and exit.")(fn)
+    return fn
+
+
+def _resolve(cls: type, section: str, config_path: str | None, overrides: tuple[str, ...], print_only: bool):
+    cfg = load_config(cls, section, config_path, overrides)
+    text = to_yaml(cfg)
+    if print_only:
+        click.echo(text, nl=False)
+        sys.exit(0)
+    log.info("resolved %s config:\n%s", section, text.rstrip())
+    return cfg
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """distilcache: distil masked language models from a cached teacher.
+
+    \b
+    Stage one   pipeline adapt-teacher / cache-teacher / verify / inspect
+    Config      --config FILE.yaml (one section per stage) and --set key=value overrides.
+    """
+    setup_logging(verbose)
+
+
+@main.command("adapt-teacher")
+@config_options
+@_guard
+def adapt_teacher(config_path: str | None, overrides: tuple[str, ...], print_config: bool) -> None:
+    """Turn an encoder without MLM head into a masked-LM teacher (section `adapt`)."""
+    from teacher_cache.adapt import run_adapt
+    from teacher_cache.config import AdaptConfig
+
+    cfg = _resolve(AdaptConfig, "adapt", config_path, overrides, print_config)
+    path = run_adapt(cfg)
+    click.echo(f"teacher: {path}")
+
+
+@main.command("cache-teacher")
+@config_options
+@click.option("--overwrite", is_flag=True, help="Replace an existing cache built with another config.")
+@_guard
+def cache_teacher(config_path: str | None, overrides: tuple[str, ...], print_config: bool, overwrite: bool) -> None:
+    """Run the teacher once over a masked corpus into a sharded Zarr cache (section `cache`).
+
+    Rerunning the same command resumes an interrupted cache and reuses a complete one. Under
+    `torchrun --nproc-per-node N -m pipeline cache-teacher ...` N processes write disjoint shards.
+    """
+    from teacher_cache.config import CacheConfig
+    from teacher_cache.run import run_cache
+
+    cfg = _resolve(CacheConfig, "cache", config_path, overrides, print_config)
+    path = run_cache(cfg, overwrite=overwrite)
+    click.echo(f"cache: {path}")
+
+
+@main.command("verify")
+@click.argument("path", type=click.Path())
+@_guard
+def verify(path: str) -> None:
+    """Recompute every shard checksum of a cache; exit 1 naming any missing or corrupt shard."""
+    from teacher_cache.verify import verify_cache
+
+    problems, stats = verify_cache(path)
+    for problem in problems:
+        click.echo(f"FAIL {problem}", err=True)
+    if problems:
+        click.echo(
+            f"error: {path}: {len(problems)} problem(s); rebuild the named shards by deleting "
+            "their commits/ records and rerunning cache-teacher, or rebuild with --overwrite",
+            err=True,
+        )
+        sys.exit(1)
+    click.echo(f"ok: {stats['shards']} shards, {stats['bytes']:,} bytes verified in {path}")
+
+
+@main.command("inspect")
+@click.argument("path", type=click.Path())
+@click.option("--sample", default=256, show_default=True, help="Rows sampled for teacher statistics.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest and statistics as JSON.")
+@_guard
+def inspect(path: str, sample: int, as_json: bool) -> None:
+    """Manifest, sizes per field and teacher statistics per cached temperature."""
+    from teacher_cache.report import inspect_text, teacher_stats
+    from teacher_cache.store import CacheReader
+
+    reader = CacheReader(path)
+    if as_json:
+        manifest = {k: v for k, v in (reader.manifest or {}).items() if k != "shards"}
+        click.echo(json.dumps({"manifest": manifest, "stats": teacher_stats(reader, "train", sample)}, indent=2))
+    else:
+        click.echo(inspect_text(reader, sample))
+
+
+if __name__ == "__main__":
+    main()

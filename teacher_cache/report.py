@@ -1,0 +1,150 @@
+"""What a cache holds and costs: the capture summary and `pipeline inspect`."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from pipeline.log import human_bytes, human_time
+from teacher_cache.encode import decode_hidden, decode_values
+from teacher_cache.head import HEAD_FILE, load_head
+from teacher_cache.masking import IGNORE_INDEX
+from teacher_cache.store import TEACHER_DIR, CacheReader, CacheStore
+
+
+def counts(store: CacheStore, records: dict) -> dict:
+    """Per split: sequences, rows, tokens, positions with logits, seconds; per field: bytes."""
+    layouts, fields = store.layouts(), store.fields()
+    out: dict = {"splits": {}, "fields": {}}
+    for name, lay in layouts.items():
+        recs = [r for (s, _), r in records.items() if s == name]
+        out["splits"][name] = {
+            "sequences": lay.sequences,
+            "views": lay.views,
+            "rows": lay.rows,
+            "shards": lay.shards,
+            "tokens": sum(r["tokens"] for r in recs),
+            "logit_positions": sum(r["logit_positions"] for r in recs),
+            "teacher_seconds": round(sum(r["seconds"] for r in recs), 3),
+        }
+    for f in fields:
+        stored = sum(r["files"][f.name]["bytes"] for r in records.values())
+        raw = sum(f.row_bytes * (r["rows"][1] - r["rows"][0]) for r in records.values())
+        out["fields"][f.name] = {"bytes": stored, "raw_bytes": raw}
+    return out
+
+
+def size_rows(manifest: dict) -> list[tuple[str, int, float, float]]:
+    """(field, bytes on disk, bytes per token, compression ratio) for every field."""
+    tokens = sum(s["tokens"] for s in manifest["counts"]["splits"].values()) or 1
+    return [
+        (name, f["bytes"], f["bytes"] / tokens, f["raw_bytes"] / max(f["bytes"], 1))
+        for name, f in manifest["counts"]["fields"].items()
+    ]
+
+
+def summary(store: CacheStore) -> str:
+    """The block printed when a capture finishes (or a complete cache is reused)."""
+    m = store.manifest
+    assert m is not None, "summary of an incomplete cache"
+    splits = m["counts"]["splits"]
+    tokens = sum(s["tokens"] for s in splits.values())
+    positions = sum(s["logit_positions"] for s in splits.values())
+    seconds = _wall_seconds(m)
+    total = sum(f["bytes"] for f in m["counts"]["fields"].values())
+    full = positions * m["teacher"]["vocab_size"] * 4
+    lines = [
+        "cache-teacher summary",
+        f"  cache       {store.path}",
+        "  sequences   " + ", ".join(f"{n} {s['sequences']:,} x {s['views']} view(s)" for n, s in splits.items()),
+        f"  tokens      {tokens:,} ({positions:,} with cached logits)",
+        f"  wall time   {human_time(seconds)}   {tokens / max(seconds, 1e-9):,.0f} tokens/s",
+        f"  on disk     {human_bytes(total)} = {total / max(tokens, 1):,.0f} B/token; fp32 full-vocabulary "
+        f"logits would take {human_bytes(full)} ({full / max(total, 1):,.1f}x more)",
+        f"  {'field':<15}{'bytes':>12}{'B/token':>10}{'compression':>13}",
+    ]
+    for name, nbytes, per_token, ratio in size_rows(m):
+        lines.append(f"  {name:<15}{human_bytes(nbytes):>12}{per_token:>10.1f}{ratio:>12.2f}x")
+    return "\n".join(lines)
+
+
+def _wall_seconds(manifest: dict) -> float:
+    """From the first shard's start to the last commit (spans resumes, if any)."""
+    shards = manifest["shards"]
+    first = min(s["committed"] - s["seconds"] for s in shards)
+    return max(s["committed"] for s in shards) - first
+
+
+def teacher_stats(reader: CacheReader, split: str = "train", sample_rows: int = 256) -> dict:
+    """Per cached temperature: mean top-k probability mass (all / masked positions) and, when the
+    head is cached, exact entropy quantiles from logits rebuilt out of the hidden states."""
+    temps = reader.identity["outputs"]["temperatures"]
+    lay = reader.layouts[split]
+    data = reader.read_rows(split, 0, min(sample_rows, lay.rows))
+    dtype = reader.identity["outputs"]["logits_dtype"]
+    values = decode_values(data["topk_values"], dtype)  # (n, L, k)
+    lse = torch.from_numpy(data["logsumexp"])  # (n, L, T)
+    labels = torch.from_numpy(data["labels"]).long()
+    lengths = torch.from_numpy(data["lengths"])
+    valid = torch.arange(values.shape[1])[None, :] < lengths[:, None]
+    masked = labels != IGNORE_INDEX
+    has_logits = valid if reader.identity["outputs"]["logit_positions"] == "all" else masked
+    head = load_head(reader.path / TEACHER_DIR) if (reader.path / TEACHER_DIR / HEAD_FILE).is_file() else None
+    hidden = decode_hidden(data["hidden"], data.get("hidden_scale"), reader.identity["outputs"]["hidden_dtype"])
+    out: dict = {"rows": int(values.shape[0]), "temperatures": {}}
+    top1 = torch.from_numpy(data["topk_indices"].astype(np.int64))[..., 0]
+    out["masked_accuracy"] = float((top1[masked] == labels[masked]).float().mean()) if masked.any() else math.nan
+    for j, t in enumerate(temps):
+        mass = torch.exp(values / t - lse[..., j : j + 1]).sum(-1)  # (n, L)
+        entry = {
+            "topk_mass_all": float(mass[has_logits].mean()),
+            "topk_mass_masked": float(mass[masked & has_logits].mean()) if (masked & has_logits).any() else math.nan,
+        }
+        if head is not None:
+            with torch.no_grad():
+                logits = head(hidden[masked]) / t
+            ent = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1)
+            q = torch.quantile(ent, torch.tensor([0.1, 0.5, 0.9]))
+            entry["entropy_masked_p10_p50_p90"] = [round(float(x), 3) for x in q]
+        out["temperatures"][str(t)] = entry
+    return out
+
+
+def inspect_text(reader: CacheReader, sample_rows: int = 256) -> str:
+    m = reader.manifest
+    assert m is not None
+    ident = m["identity"]
+    lines = [
+        f"cache {reader.path}",
+        f"  format        {m['format']} v{m['format_version']}, fingerprint {m['fingerprint']}",
+        f"  teacher       {m['teacher']['name']} ({m['teacher']['model_type']}, {m['teacher']['num_layers']} layers, "
+        f"H={m['teacher']['hidden_size']}, V={m['teacher']['vocab_size']}, {m['teacher']['dtype']})",
+        f"  weights       sha256 {m['teacher']['weights_sha256'][:16]}..."
+        f"   tokenizer {m['tokenizer']['sha256'][:16]}...",
+        f"  corpus        {m['config']['corpus']['source']} {', '.join(m['config']['corpus']['paths'])} "
+        f"(fingerprint {m['corpus']['fingerprint'][:12]})",
+        f"  masking       {ident['masking']}  seed {ident['seed']}",
+        f"  outputs       {ident['outputs']}",
+        f"  head          {'cached (exact logits available)' if m['head'] else 'not cached'}",
+        f"  built         {m['created']} -> {m['completed']} with torch {m['versions']['torch']}, "
+        f"transformers {m['versions']['transformers']}, zarr {m['versions']['zarr']}",
+        "",
+        summary(reader.store),
+    ]
+    stats = teacher_stats(reader, "train", sample_rows)
+    lines += [
+        "",
+        f"teacher statistics on {stats['rows']} train rows (masked-token accuracy {stats['masked_accuracy']:.3f})",
+        f"  {'T':>5}{'top-k mass (all)':>19}{'top-k mass (masked)':>22}{'entropy masked p10/p50/p90':>30}",
+    ]
+    for t, e in stats["temperatures"].items():
+        ent = "/".join(f"{x:.2f}" for x in e.get("entropy_masked_p10_p50_p90", [])) or "n/a (no head)"
+        lines.append(f"  {t:>5}{e['topk_mass_all']:>19.3f}{e['topk_mass_masked']:>22.3f}{ent:>30}")
+    k = ident["outputs"]["k"]
+    lines.append(
+        f"  (k={k}: the tail bucket holds the rest; a small masked mass at the training T "
+        "means the top-k alone would bias KD, see README)"
+    )
+    return "\n".join(lines)
