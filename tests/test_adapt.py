@@ -33,9 +33,9 @@ def adapt_cfg(base: Path, assets, tmp_path, **extra) -> AdaptConfig:
         "base": str(base),
         "output_dir": str(tmp_path / "teacher"),
         "cache_dir": str(tmp_path / "home"),
-        "steps": 40,
+        "steps": 200,
         "batch_size": 8,
-        "lr": 1e-3,
+        "lr": 1e-2,
         "head_lr": 1e-2,
         "train_layers": 1,
         "warmup_steps": 2,
@@ -51,7 +51,9 @@ def test_adapt_adds_a_head_trains_the_top_layers_and_is_reused(encoder, assets, 
     cfg = adapt_cfg(encoder, assets, tmp_path)
     out = adapt.run_adapt(cfg)
     info = json.loads((out / "adapt.json").read_text())
-    assert info["accuracy"] > info["accuracy_before"]
+    # held-out MLM loss: a 64-token accuracy can sit at zero on both sides for a 2-layer model
+    assert info["eval_loss"] < info["eval_loss_before"] - 0.02
+    assert info["accuracy"] >= info["accuracy_before"]
     teacher = load_teacher(TeacherConfig(name=str(out)))  # a complete masked LM now: no missing weights
     assert teacher.model.config.model_type == "bert"
     base = load_file(encoder / "model.safetensors")
@@ -68,7 +70,7 @@ def test_adapt_adds_a_head_trains_the_top_layers_and_is_reused(encoder, assets, 
     mtime = (out / "model.safetensors").stat().st_mtime_ns
     adapt.run_adapt(cfg)
     assert (out / "model.safetensors").stat().st_mtime_ns == mtime, "an up-to-date teacher is reused"
-    adapt.run_adapt(adapt_cfg(encoder, assets, tmp_path, steps=41))
+    adapt.run_adapt(adapt_cfg(encoder, assets, tmp_path, steps=201))
     assert (out / "model.safetensors").stat().st_mtime_ns != mtime, "a changed config re-adapts"
 
 
