@@ -1,0 +1,182 @@
+"""Stage-two config: `train` (pipeline train-student) and `evaluate` (pipeline evaluate)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class StudentConfig:
+    """Which student to build and how to initialise it."""
+
+    config: str | None = None
+    """A Hugging Face masked-LM config (name or path) for the student; null derives a DistilBERT
+    from the teacher's config (same width, vocabulary and positions, `layers` layers)."""
+    layers: int = 6
+    """Transformer layers of the derived DistilBERT student."""
+    hidden_size: int | None = None
+    """Width of the derived student (null: the teacher's); another width needs init: random and trains a
+    projection for the cosine loss."""
+    init: Literal["teacher", "random"] = "teacher"
+    """`teacher`: copy embeddings, MLM head and every other teacher layer (reads the teacher's weights,
+    never runs it); `random`: the config's own initialisation."""
+    teacher: str | None = None
+    """Teacher weights for init: teacher (name or path); null uses the name recorded in the cache. Their
+    hash must match the cache's."""
+    dropout: float | None = None
+    """Override the student's dropout probabilities (null keeps the config's; 0 makes runs deterministic
+    across data-parallel layouts)."""
+
+    def check(self) -> list[str]:
+        problems = []
+        if self.layers < 1:
+            problems.append("layers: must be at least 1")
+        if self.hidden_size is not None and self.hidden_size < 1:
+            problems.append("hidden_size: must be positive or null")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout: {self.dropout} must be in [0, 1)")
+        return problems
+
+
+@dataclass
+class LossConfig:
+    """The triple loss: alpha_ce * KD + alpha_mlm * MLM + alpha_cos * cosine."""
+
+    kd_mode: Literal["topk_tail", "topk_renorm", "exact"] = "topk_tail"
+    """`topk_tail`: exact KL over the k cached tokens plus one tail bucket; `topk_renorm`: teacher
+    renormalised over its top-k (for comparison); `exact`: full-vocabulary teacher logits rebuilt from
+    cached hidden states through the cached MLM head (any temperature)."""
+    temperature: float = 2.0
+    """KD temperature (topk modes need it among the cache's temperatures)."""
+    kd_positions: Literal["all", "masked"] = "all"
+    """Distil on every non-pad token (DistilBERT) or on masked tokens only."""
+    alpha_ce: float = 5.0
+    """Weight of the KD term."""
+    alpha_mlm: float = 2.0
+    """Weight of the masked-LM cross-entropy on masked tokens."""
+    alpha_cos: float = 1.0
+    """Weight of the cosine loss between student and teacher last hidden states (non-pad tokens)."""
+    exact_chunk_tokens: int = 1024
+    """Tokens per chunk when `exact` rebuilds teacher logits (bounds memory)."""
+
+    def check(self) -> list[str]:
+        problems = []
+        if self.temperature <= 0:
+            problems.append(f"temperature: {self.temperature} must be positive")
+        if min(self.alpha_ce, self.alpha_mlm, self.alpha_cos) < 0:
+            problems.append("alpha_*: weights must be non-negative")
+        if self.alpha_ce + self.alpha_mlm + self.alpha_cos == 0:
+            problems.append("alpha_*: at least one loss weight must be positive")
+        return problems
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then linear decay (the DistilBERT recipe)."""
+
+    lr: float = 5e-4
+    """Peak learning rate."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    """AdamW betas."""
+    eps: float = 1e-6
+    """AdamW epsilon."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_fraction: float = 0.05
+    """Fraction of the optimizer steps spent warming up linearly."""
+    grad_clip: float = 5.0
+    """Gradient-norm clipping (0 disables)."""
+
+    def check(self) -> list[str]:
+        problems = []
+        if self.lr <= 0:
+            problems.append("lr: must be positive")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            problems.append(f"betas: {self.betas} must be two numbers in [0, 1)")
+        if not 0 <= self.warmup_fraction < 1:
+            problems.append("warmup_fraction: must be in [0, 1)")
+        return problems
+
+
+@dataclass
+class DataConfig:
+    """How blocks of the cache become micro-batches."""
+
+    split: str = "train"
+    """Cache split to train on."""
+    micro_batch_size: int = 32
+    """Sequences per micro-batch per process."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step."""
+    mix_blocks: int = 8
+    """Chunk-aligned blocks whose rows are shuffled together (per stream)."""
+    streams: int | None = None
+    """Canonical data streams (null: one per process). Micro-batches are identical for every process
+    count that divides it: set it (e.g. 8) to compare or resume runs across cluster sizes."""
+    num_workers: int = 2
+    """DataLoader worker processes (each opens the store lazily); 0 reads in the training process."""
+    prefetch_groups: int = 2
+    """Block groups each worker prepares ahead."""
+
+    def check(self) -> list[str]:
+        problems = []
+        for key in ("micro_batch_size", "grad_accum_steps", "mix_blocks", "prefetch_groups"):
+            if getattr(self, key) < 1:
+                problems.append(f"{key}: must be at least 1")
+        if self.streams is not None and self.streams < 1:
+            problems.append("streams: must be positive or null")
+        if self.num_workers < 0:
+            problems.append("num_workers: must be >= 0")
+        return problems
+
+
+@dataclass
+class TrainConfig:
+    """`pipeline train-student`: a student trained with DeepSpeed ZeRO from a teacher cache."""
+
+    cache: str = ""
+    """Path of a complete teacher cache (pipeline cache-teacher)."""
+    output_dir: str = "runs/student"
+    """Run directory: resolved config, metrics.jsonl, checkpoints/, the exported model in final/."""
+    seed: int = 56
+    """Seed of initialisation, dropout and block order."""
+    epochs: float = 3.0
+    """Passes over the split (fractional allowed); epoch e reads mask view e mod views."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (overrides epochs when smaller)."""
+    deepspeed_config: str = "configs/deepspeed/zero2.json"
+    """DeepSpeed JSON; batch sizes, optimizer, scheduler, clipping and precision marked "auto" are filled
+    from this config, explicit values must agree with it."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: bf16 on CUDA (fp16 where bf16 is unsupported), fp32 on CPU."""
+    log_every: int = 10
+    """Optimizer steps between step lines (metrics.jsonl gets every step)."""
+    eval_every: int = 0
+    """Optimizer steps between evaluations on the held-out split (0: only at the end)."""
+    eval_sequences: int = 256
+    """Held-out sequences used by the periodic evaluation."""
+    save_every: int = 0
+    """Optimizer steps between checkpoints (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """Most recent checkpoints kept."""
+    student: StudentConfig = field(default_factory=StudentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def check(self) -> list[str]:
+        problems = []
+        if not self.cache:
+            problems.append("cache: required; the path of a cache made by `pipeline cache-teacher`")
+        if self.epochs <= 0:
+            problems.append("epochs: must be positive")
+        if self.max_steps is not None and self.max_steps < 1:
+            problems.append("max_steps: must be positive or null")
+        for key in ("log_every", "eval_sequences", "keep_checkpoints"):
+            if getattr(self, key) < 1:
+                problems.append(f"{key}: must be at least 1")
+        for key in ("eval_every", "save_every"):
+            if getattr(self, key) < 0:
+                problems.append(f"{key}: must be >= 0")
+        return problems
