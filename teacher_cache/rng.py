@@ -14,6 +14,8 @@ STREAM_SELECT, STREAM_ACTION, STREAM_RANDOM = 1, 2, 3
 """Masking streams: which tokens are targets, what happens to them, which random token."""
 STREAM_SHUFFLE, STREAM_EVAL_SPLIT = 4, 5
 """Corpus streams: the order of sequences, which documents are held out."""
+STREAM_BLOCKS, STREAM_ROWS = 6, 7
+"""Training streams: the order of blocks in an epoch, the order of rows in a group of blocks."""
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -44,3 +46,12 @@ def permutation(seed: int, stream: int, n: int, view: int = 0) -> np.ndarray:
     """A seeded permutation of range(n) (int64), stable across numpy versions and platforms."""
     keys = uniforms(seed, stream, view, np.arange(n), 1)[:, 0]
     return np.argsort(keys, kind="stable").astype(np.int64)
+
+
+def derive_seed(*values: int) -> int:
+    """A 63-bit seed that is a pure function of several integers (e.g. seed, epoch, stream, group)."""
+    key = np.array([len(values)], dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for v in values:
+            key = _mix64(key * _GOLDEN + np.uint64(v & 0xFFFFFFFFFFFFFFFF))
+    return int(key[0] >> np.uint64(1))

@@ -123,3 +123,23 @@ def cache_cfg(assets, tmp_path):
             "shard_rows": 8,
         },
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(assets, tmp_path_factory) -> Path:
+    """A complete cache of the tiny teacher: 2 views x 64 sequences (blocks of 4, shards of 16), eval 16."""
+    from pipeline.config import from_dict
+    from teacher_cache.config import CacheConfig
+    from teacher_cache.run import run_cache
+
+    root = tmp_path_factory.mktemp("tinycache")
+    raw = {
+        "max_sequences": 64,
+        "max_eval_sequences": 16,
+        "corpus": {"paths": [str(assets.text_dir / "*.txt")], "max_seq_len": SEQ_LEN, "eval_fraction": 0.1},
+        "masking": {"views": 2},
+        "teacher": {"name": str(assets.teacher), "batch_size": 16, "num_threads": 1},
+        "outputs": {"k": 16, "hidden_dtype": "float32"},
+        "store": {"cache_dir": str(root / "home"), "output": str(root / "cache"), "block_rows": 4, "shard_rows": 16},
+    }
+    return run_cache(from_dict(CacheConfig, raw))

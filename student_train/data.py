@@ -1,0 +1,253 @@
+"""Cache -> micro-batches: whole chunk-aligned blocks, seeded order, mixing, disjoint ranks, resume.
+
+Order of an epoch (all pure functions of seed, epoch and the layout):
+- epoch e reads mask view e mod V (the blocks holding rows of that view);
+- those blocks are permuted with (seed, e) and dealt round-robin to `streams` canonical streams;
+- each stream reads its blocks in groups of `mix_blocks` and shuffles the rows of a group;
+- a global micro-batch (micro_batch_size x world rows) takes the same number of rows from every
+  stream; rank r serves the streams s = r (mod world), so a process reads only its own blocks.
+With `streams` fixed, the global micro-batches are identical for every world size that divides
+it. Per epoch every stream yields the same number of micro-batches (the shortest stream decides;
+at most a group's worth of rows per stream is left unread). The state is (epoch, batch).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from student_train.config import DataConfig
+from teacher_cache.encode import decode_hidden, decode_values
+from teacher_cache.layout import SplitLayout
+from teacher_cache.rng import STREAM_BLOCKS, STREAM_ROWS, derive_seed, permutation
+from teacher_cache.store import CacheReader
+
+
+@dataclass(frozen=True)
+class Fields:
+    """Which cached fields a run needs (hidden states are ~90 % of the bytes: skip when unused)."""
+
+    topk: bool
+    hidden: bool
+    lse_column: int | None
+    """Index of the KD temperature in the cache's temperatures (topk modes)."""
+
+
+def view_blocks(layout: SplitLayout, view: int) -> tuple[np.ndarray, np.ndarray]:
+    """(block ids, rows of `view` in each) for the blocks holding rows of that view."""
+    lo, hi = view * layout.sequences, (view + 1) * layout.sequences
+    blocks = np.arange(lo // layout.block_rows, (hi - 1) // layout.block_rows + 1)
+    starts = blocks * layout.block_rows
+    rows = np.minimum(starts + layout.block_rows, hi) - np.maximum(starts, lo)
+    return blocks, rows
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Groups of blocks per stream for one epoch, and the micro-batches it yields."""
+
+    epoch: int
+    view: int
+    groups: list[list[np.ndarray]]  # [stream][group] -> block ids
+    group_rows: list[np.ndarray]  # [stream] -> rows of the view in each group
+    rows_per_stream: int  # rows each stream contributes to one global micro-batch
+    batches: int
+
+
+def plan_epoch(
+    layout: SplitLayout, seed: int, epoch: int, streams: int, mix_blocks: int, global_batch: int
+) -> EpochPlan:
+    view = epoch % layout.views
+    blocks, rows = view_blocks(layout, view)
+    order = permutation(seed, STREAM_BLOCKS, len(blocks), view=epoch)
+    groups, group_rows = [], []
+    for s in range(streams):
+        mine = order[s::streams]
+        groups.append([blocks[mine[g : g + mix_blocks]] for g in range(0, len(mine), mix_blocks)])
+        group_rows.append(np.array([rows[mine[g : g + mix_blocks]].sum() for g in range(0, len(mine), mix_blocks)]))
+    per_stream = global_batch // streams
+    batches = min(int(r.sum()) for r in group_rows) // per_stream
+    return EpochPlan(epoch, view, groups, group_rows, per_stream, batches)
+
+
+class GroupDataset(Dataset):
+    """Item (epoch, stream, group) -> the group's rows of the epoch's view, decoded and shuffled.
+
+    The store is opened lazily, once per DataLoader worker process.
+    """
+
+    def __init__(self, path: str | Path, split: str, fields: Fields, seed: int, plans: dict[int, EpochPlan]):
+        self.path, self.split, self.fields, self.seed = str(path), split, fields, seed
+        self.plans = plans
+        self._reader: CacheReader | None = None
+
+    def __len__(self) -> int:  # items are addressed by key, not by position
+        return 0
+
+    def __getitem__(self, key: tuple[int, int, int]) -> dict[str, torch.Tensor]:
+        epoch, stream, group = key
+        if self._reader is None:
+            self._reader = CacheReader(self.path)
+        reader, plan = self._reader, self.plans[epoch]
+        names = ["input_ids", "labels", "lengths", "sequence_index", "view"]
+        if self.fields.topk:
+            names += ["topk_values", "topk_indices", "logsumexp"]
+        if self.fields.hidden:
+            names += ["hidden"] + (["hidden_scale"] if "hidden_scale" in reader.fields else [])
+        parts = [reader.read_block(self.split, int(b), names) for b in plan.groups[stream][group]]
+        data = {n: np.concatenate([p[n] for p in parts]) for n in names}
+        keep = np.flatnonzero(data["view"] == plan.view)
+        keep = keep[permutation(derive_seed(self.seed, epoch, stream, group), STREAM_ROWS, len(keep))]
+        return self._decode({n: data[n][keep] for n in names}, reader)
+
+    def _decode(self, d: dict[str, np.ndarray], reader: CacheReader) -> dict[str, torch.Tensor]:
+        out = {
+            "input_ids": torch.from_numpy(d["input_ids"].astype(np.int64)),
+            "labels": torch.from_numpy(d["labels"].astype(np.int64)),
+            "lengths": torch.from_numpy(d["lengths"].astype(np.int64)),
+            "sequence_index": torch.from_numpy(d["sequence_index"].astype(np.int64)),
+            "view": torch.from_numpy(d["view"].astype(np.int64)),
+        }
+        outputs = reader.identity["outputs"]
+        if self.fields.topk:
+            out["topk_values"] = decode_values(d["topk_values"], outputs["logits_dtype"])
+            out["topk_indices"] = torch.from_numpy(d["topk_indices"].astype(np.int64))
+            out["lse"] = torch.from_numpy(np.ascontiguousarray(d["logsumexp"][..., self.fields.lse_column]))
+        if self.fields.hidden:
+            out["hidden"] = decode_hidden(d["hidden"], d.get("hidden_scale"), outputs["hidden_dtype"])
+        return out
+
+
+class CacheBatches:
+    """This rank's micro-batches, epoch after epoch, resumable from `state_dict()`."""
+
+    def __init__(
+        self, reader: CacheReader, cfg: DataConfig, fields: Fields, seed: int, streams: int, rank: int, world: int
+    ):
+        if streams % world or (cfg.micro_batch_size * world) % streams:
+            raise ValueError(
+                f"data.streams={streams} must be a multiple of the {world} process(es) and divide the global "
+                f"micro-batch {cfg.micro_batch_size * world}; e.g. set data.streams={world}"
+            )
+        self.reader, self.cfg, self.fields, self.seed = reader, cfg, fields, seed
+        self.streams, self.rank, self.world = streams, rank, world
+        self.layout = reader.layouts[cfg.split]
+        self.epoch, self.batch = 0, 0
+        self._plans: dict[int, EpochPlan] = {}
+
+    def plan(self, epoch: int) -> EpochPlan:
+        if epoch not in self._plans:
+            self._plans[epoch] = plan_epoch(
+                self.layout, self.seed, epoch, self.streams, self.cfg.mix_blocks, self.cfg.micro_batch_size * self.world
+            )
+        return self._plans[epoch]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch, "streams": self.streams}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["streams"] != self.streams:
+            raise ValueError(
+                f"the checkpoint was written with data.streams={state['streams']}, this run "
+                f"uses {self.streams}; keep data.streams to resume exactly"
+            )
+        self.epoch, self.batch = state["epoch"], state["batch"]
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            plan = self.plan(self.epoch)
+            if plan.batches == 0:
+                raise ValueError(
+                    f"split {self.cfg.split!r} has too few rows for one global micro-batch of "
+                    f"{self.cfg.micro_batch_size * self.world}; lower data.micro_batch_size"
+                )
+            yield from self._epoch(plan, self.batch)
+            self.epoch, self.batch = self.epoch + 1, 0
+
+    def _epoch(self, plan: EpochPlan, start: int) -> Iterator[dict[str, torch.Tensor]]:
+        mine = list(range(self.rank, self.streams, self.world))
+        skip = start * plan.rows_per_stream  # rows of every stream already consumed
+        first = {s: int(np.searchsorted(np.cumsum(plan.group_rows[s]), skip, side="right")) for s in mine}
+        offset = {s: skip - int(plan.group_rows[s][: first[s]].sum()) for s in mine}
+        keys = _interleave({s: range(first[s], len(plan.groups[s])) for s in mine}, plan.epoch)
+        loader = DataLoader(
+            GroupDataset(self.reader.path, self.cfg.split, self.fields, self.seed, {plan.epoch: plan}),
+            sampler=keys,
+            batch_size=None,
+            num_workers=self.cfg.num_workers,
+            prefetch_factor=self.cfg.prefetch_groups if self.cfg.num_workers else None,
+            pin_memory=torch.cuda.is_available(),
+            # its own generator: drawing worker seeds from the global RNG would shift
+            # dropout after a resume (a new loader starts mid-epoch there)
+            generator=torch.Generator().manual_seed(derive_seed(self.seed, plan.epoch)),
+            multiprocessing_context="forkserver" if self.cfg.num_workers else None,
+        )
+        buffers = {s: _RowBuffer() for s in mine}
+        pending: dict[int, deque] = {s: deque() for s in mine}
+        items = zip(keys, iter(loader), strict=True)
+        for batch in range(start, plan.batches):
+            parts = []
+            for s in mine:
+                while len(buffers[s]) < plan.rows_per_stream:
+                    if not pending[s]:
+                        for (_, stream, _), group in items:  # fetch until stream s has a group
+                            pending[stream].append(group)
+                            if stream == s:
+                                break
+                    buffers[s].add(pending[s].popleft(), drop=offset.pop(s, 0))
+                parts.append(buffers[s].take(plan.rows_per_stream))
+            self.batch = batch + 1
+            yield {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def _interleave(ranges: dict[int, range], epoch: int) -> list[tuple[int, int, int]]:
+    """(epoch, stream, group) keys, round-robin over streams: the order in which groups are needed."""
+    keys = []
+    iters = {s: iter(r) for s, r in ranges.items()}
+    while iters:
+        for s in list(iters):
+            g = next(iters[s], None)
+            if g is None:
+                del iters[s]
+            else:
+                keys.append((epoch, s, g))
+    return keys
+
+
+class _RowBuffer:
+    """Rows of decoded groups waiting to be cut into micro-batches."""
+
+    def __init__(self) -> None:
+        self._parts: deque[dict[str, torch.Tensor]] = deque()
+        self._rows = 0
+
+    def __len__(self) -> int:
+        return self._rows
+
+    def add(self, group: dict[str, torch.Tensor], drop: int = 0) -> None:
+        if drop:
+            group = {k: v[drop:] for k, v in group.items()}
+        self._parts.append(group)
+        self._rows += len(group["input_ids"])
+
+    def take(self, n: int) -> dict[str, torch.Tensor]:
+        out: list[dict[str, torch.Tensor]] = []
+        while n:
+            head = self._parts[0]
+            size = len(head["input_ids"])
+            if size <= n:
+                out.append(self._parts.popleft())
+                n -= size
+                self._rows -= size
+            else:
+                out.append({k: v[:n] for k, v in head.items()})
+                self._parts[0] = {k: v[n:] for k, v in head.items()}
+                self._rows -= n
+                n = 0
+        return {k: torch.cat([o[k] for o in out]) for k in out[0]}
