@@ -32,9 +32,12 @@ demo: setup  ## offline quickstart, end to end
 	$(BIN)/pipeline cache-teacher --config $(QUICKSTART)
 	$(BIN)/pipeline verify runs/quickstart/cache
 	$(BIN)/pipeline inspect runs/quickstart/cache
+	$(BIN)/pipeline train-student --config $(QUICKSTART)
+	$(BIN)/pipeline evaluate --model runs/quickstart/student/final --cache runs/quickstart/cache
 
 bench: setup  ## measured ratios (needs ../shared/)
 	$(BIN)/python benchmarks/bench_cache.py --json runs/bench_cache.json
+	$(BIN)/python benchmarks/bench_train.py --json runs/bench_train.json
 
 lint: setup
 	$(BIN)/ruff check .

@@ -2,4 +2,5 @@
 
 from pipeline.cli import main
 
-main()
+if __name__ == "__main__":  # DataLoader workers (forkserver) import this module again: no second run
+    main()

@@ -74,6 +74,7 @@ def main(verbose: bool) -> None:
 
     \b
     Stage one   pipeline adapt-teacher / cache-teacher / verify / inspect
+    Stage two   pipeline train-student / evaluate
     Config      --config FILE.yaml (one section per stage) and --set key=value overrides.
     """
     setup_logging(verbose)
@@ -146,6 +147,49 @@ def inspect(path: str, sample: int, as_json: bool) -> None:
         click.echo(json.dumps({"manifest": manifest, "stats": teacher_stats(reader, "train", sample)}, indent=2))
     else:
         click.echo(inspect_text(reader, sample))
+
+
+@main.command("train-student")
+@config_options
+@click.option("--online-teacher", is_flag=True, help="Run the teacher every step (the fidelity/speed baseline).")
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in output_dir.")
+@click.option("--local_rank", "--local-rank", "local_rank", type=int, default=None, hidden=True)
+@_guard
+def train_student(
+    config_path: str | None,
+    overrides: tuple[str, ...],
+    print_config: bool,
+    online_teacher: bool,
+    resume: bool,
+    local_rank: int | None,
+) -> None:
+    """Train a student with DeepSpeed ZeRO from a teacher cache (section `train`).
+
+    One process: `pipeline train-student --config C`. N processes: `torchrun --nproc-per-node N -m pipeline
+    train-student ...` or `deepspeed --num_gpus N --module pipeline train-student ...`.
+    """
+    from student_train.config import TrainConfig
+    from student_train.trainer import run_train
+
+    cfg = _resolve(TrainConfig, "train", config_path, overrides, print_config)
+    summary = run_train(cfg, online_teacher=online_teacher, resume=resume)
+    click.echo(f"model: {summary['export']}")
+
+
+@main.command("evaluate")
+@click.option("--model", "model_dir", required=True, type=click.Path(), help="An exported student (save_pretrained).")
+@click.option("--cache", required=True, type=click.Path(), help="The teacher cache to evaluate against.")
+@click.option("--split", default="eval", show_default=True)
+@click.option("--sequences", default=512, show_default=True, help="Sequences evaluated (the split's first rows).")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--json", "json_path", default=None, type=click.Path(), help="Also write the results here.")
+@_guard
+def evaluate(model_dir: str, cache: str, split: str, sequences: int, batch_size: int, json_path: str | None) -> None:
+    """Held-out metrics of a student beside the teacher's: accuracy, perplexity, agreement, KL, cosine."""
+    from student_train.evaluate import run_evaluate, table
+
+    result = run_evaluate(model_dir, cache, split, sequences, batch_size, json_path)
+    click.echo(table(result))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pipeline.errors import ConfigError
 
 T = TypeVar("T")
 
-SECTIONS = ("adapt", "cache")
+SECTIONS = ("adapt", "cache", "train")
 """Top-level sections a config file may hold, one per stage command."""
 
 

@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 from pipeline.config import reference_markdown
+from student_train.config import TrainConfig
 from teacher_cache.config import AdaptConfig, CacheConfig
 
-STAGE_CONFIGS = {"adapt": AdaptConfig, "cache": CacheConfig}
+STAGE_CONFIGS = {"adapt": AdaptConfig, "cache": CacheConfig, "train": TrainConfig}
 
 
 def render(readme: str) -> str:
