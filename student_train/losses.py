@@ -10,6 +10,10 @@ n positions being distilled.
   a lower bound of the full KL (coarse-graining never increases KL) that equals it at k = V.
 - `kd_topk_renorm`: the teacher renormalised over its top-k, against the student's full
   softmax at those ids (what most sparse-KD tools do; biased, kept for comparison).
+- `kd_sampled`: RS-KD (Anshumann et al., ACL 2025): tokens drawn from the teacher at T with
+  their counts; sum_i (c_i / n) * -log q_i is an unbiased estimate of the cross-entropy
+  H(p, q) = KL(p || q) + H(p), so its gradient is an unbiased estimate of the KL's. Its value
+  is offset from the KL by the teacher's entropy (a constant of the student).
 - `kd_full` / `kd_exact`: the full-vocabulary KL; `exact` rebuilds the teacher logits from
   cached hidden states through the cached MLM head, in row chunks to bound memory.
 """
@@ -74,17 +78,67 @@ def kd_topk_tail(
 
     values/indices: (n, k) cached top-k logits and ids; lse: (n,) cached log-sum-exp at T.
     """
-    s = student_logits.float() / temperature  # (n, V)
-    s_lse = torch.logsumexp(s, dim=-1)  # (n,)
-    log_q_top = s.gather(-1, indices) - s_lse.unsqueeze(-1)  # (n, k)
     log_p_top, p_tail = teacher_topk_log_probs(values, lse, temperature)
-    kl = (log_p_top.exp() * (log_p_top - log_q_top)).sum(-1)
-    if indices.shape[-1] < s.shape[-1]:  # k < V: there is a tail bucket
-        rest = s.scatter(-1, indices, float("-inf"))  # the student's logits outside the top-k
-        log_q_tail = torch.logsumexp(rest, dim=-1) - s_lse  # stable even when the tail is tiny
+    return _TopkTailKL.apply(student_logits, log_p_top, p_tail, indices, temperature)
+
+
+class _TopkTailKL(torch.autograd.Function):
+    """Fused bucket KL: one exp pass over the (n, V) student logits forward, one scaling pass
+    backward, with the analytic gradient T * (q_j - p_j) on the k tokens and
+    T * q_j * (1 - P_tail / Q_tail) on the rest (a third of the memory passes of autograd).
+
+    Q_tail is summed over the tail's own terms (no 1 - sum(q_top) cancellation); rows whose
+    whole tail underflows float32 fall back to an exact log-sum-exp over their tail logits.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, log_p_top, p_tail, indices, temperature):
+        s = logits.detach().float() / temperature  # (n, V): becomes exp(s - m) in place
+        m = s.max(-1, keepdim=True).values
+        e = s.sub_(m).exp_()
+        total = e.sum(-1)  # (n,)
+        log_total = total.log()
+        # from the logits, not log(e): a top-k token far below the max must not underflow to -inf
+        log_q_top = logits.detach().gather(-1, indices).float() / temperature - m - log_total[:, None]
+        has_tail = indices.shape[-1] < e.shape[-1]
+        if has_tail:
+            tail = e.scatter(-1, indices, 0.0).sum(-1) if e.shape[0] else total
+            log_q_tail = tail.log() - log_total
+            lost = (tail == 0) & (p_tail > 0)  # the tail underflowed: exact per row
+            if bool(lost.any()):
+                z = logits.detach()[lost].float() / temperature
+                rest = z.scatter(-1, indices[lost], float("-inf"))
+                log_q_tail[lost] = rest.logsumexp(-1) - z.logsumexp(-1)
+        else:
+            log_q_tail = torch.zeros_like(total)
+        p_top = log_p_top.exp()
+        kl = (p_top * (log_p_top - log_q_top)).sum(-1)
         tail_term = torch.xlogy(p_tail, p_tail) - p_tail * log_q_tail
         kl = kl + torch.where(p_tail > 0, tail_term, torch.zeros_like(tail_term))
-    return kl * temperature**2
+        ctx.save_for_backward(e, total, p_top, log_q_top, p_tail, log_q_tail, indices, logits.detach())
+        ctx.temperature, ctx.has_tail, ctx.dtype = temperature, has_tail, logits.dtype
+        return kl * temperature**2
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        e, total, p_top, log_q_top, p_tail, log_q_tail, indices, logits = ctx.saved_tensors
+        T = ctx.temperature
+        g = grad_out.float() * T  # d(kl * T^2)/d(logit) = T * d kl / d s
+        q_top = log_q_top.exp()
+        # tail tokens: T * q_j * (1 - P_tail / Q_tail); q_j = e_j / total, Q_tail = exp(log_q_tail)
+        ratio = torch.where(p_tail > 0, p_tail * torch.exp(-log_q_tail), torch.zeros_like(p_tail))
+        scale = (1.0 - ratio) / total if ctx.has_tail else 1.0 / total
+        grad = e.mul_((scale * g)[:, None])  # e is not needed any more: reuse its memory
+        grad.scatter_(-1, indices, (q_top - p_top) * g[:, None])
+        huge = ratio > 1e30  # underflowed tails: q_j * ratio overflowed; recompute those rows exactly
+        if bool(huge.any()):
+            z = logits[huge].float() / T
+            rest = z.scatter(-1, indices[huge], float("-inf"))
+            within = torch.exp(rest - rest.logsumexp(-1, keepdim=True))  # q_j / Q_tail on the tail
+            q = torch.softmax(z, -1)
+            rows = (q - p_tail[huge, None] * within) * g[huge, None]
+            grad[huge] = rows.scatter(-1, indices[huge], (q_top[huge] - p_top[huge]) * g[huge, None])
+        return grad.to(ctx.dtype), None, None, None, None
 
 
 def kd_topk_renorm(
@@ -95,6 +149,17 @@ def kd_topk_renorm(
     log_p = F.log_softmax(values.float() / temperature, dim=-1)  # (n, k)
     log_q = F.log_softmax(student_logits.float() / temperature, dim=-1).gather(-1, indices)
     return (log_p.exp() * (log_p - log_q)).sum(-1) * temperature**2
+
+
+def kd_sampled(
+    student_logits: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """(n,) sum_i (c_i / sum c) * -log softmax(s / T)_i * T^2 over each position's sampled ids
+    (n, S); slots with count 0 are padding. Rows without samples give 0."""
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1).gather(-1, ids)  # (n, S)
+    counts = counts.float()
+    weights = counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
+    return -(weights * log_q).sum(-1) * temperature**2
 
 
 def mlm_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -17,11 +17,14 @@ def teacher_cache_of(teacher_logits: torch.Tensor, k: int, temperature: float, d
 def bucket_kl(student_logits, teacher_logits, indices, temperature):
     """Reference: explicit (k+1)-bucket distributions from the full softmaxes, KL between them."""
     p = F.softmax(teacher_logits.double() / temperature, -1)
-    q = F.softmax(student_logits.double() / temperature, -1)
-    p_top, q_top = p.gather(-1, indices), q.gather(-1, indices)
+    s = student_logits.double() / temperature
+    p_top = p.gather(-1, indices)
     P = torch.cat([p_top, (1 - p_top.sum(-1, keepdim=True)).clamp_min(0)], -1)
-    Q = torch.cat([q_top, (1 - q_top.sum(-1, keepdim=True)).clamp_min(1e-300)], -1)
-    return (torch.xlogy(P, P) - P * Q.log()).sum(-1) * temperature**2
+    log_q = s.log_softmax(-1)
+    # the student's tail mass as its own log-sum-exp: no 1 - sum(q_top) cancellation
+    log_q_tail = s.scatter(-1, indices, float("-inf")).logsumexp(-1, keepdim=True) - s.logsumexp(-1, keepdim=True)
+    log_Q = torch.cat([log_q.gather(-1, indices), log_q_tail.clamp_min(-1e300)], -1)
+    return (torch.xlogy(P, P) - P * log_Q).sum(-1) * temperature**2
 
 
 @pytest.fixture
@@ -59,6 +62,25 @@ def test_topk_tail_is_the_bucket_kl_and_a_lower_bound_of_the_full_kl(logits, k, 
     (g,) = torch.autograd.grad(tail.sum(), student)
     (g_ref,) = torch.autograd.grad(ref.sum(), student)
     torch.testing.assert_close(g.double(), g_ref.double(), rtol=1e-4, atol=1e-6)  # tail = 1 - sum(p) in fp32
+
+
+@pytest.mark.parametrize("k", [3, 20])
+def test_topk_tail_survives_a_student_tail_that_underflows_float32(logits, k):
+    """A confident student (one logit 300 above the rest at T = 1): exp of the tail underflows in
+    float32, yet value and gradient match the float64 bucket reference."""
+    student, teacher = logits
+    student = student.clone()
+    student[:8, 0] += 300.0
+    student.requires_grad_(True)
+    values, indices, lse = teacher_cache_of(teacher, k, 1.0)
+    tail = losses.kd_topk_tail(student, values, indices, lse, 1.0)
+    ref = bucket_kl(student, teacher, indices, 1.0)
+    assert torch.isfinite(tail).all()
+    torch.testing.assert_close(tail.double(), ref, rtol=1e-4, atol=1e-4)
+    (g,) = torch.autograd.grad(tail.sum(), student)
+    (g_ref,) = torch.autograd.grad(ref.sum(), student)
+    assert torch.isfinite(g).all()
+    torch.testing.assert_close(g.double(), g_ref.double(), rtol=1e-4, atol=1e-5)
 
 
 def test_topk_tail_with_rounded_fp16_values_stays_finite_and_close(logits):
