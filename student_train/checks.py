@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from student_train.config import TrainConfig
-from student_train.model import hidden_size
-from teacher_cache.store import FORMAT_VERSION, CacheReader
+from student_train.model import hidden_size, student_config
+from teacher_cache.store import FORMAT_VERSION, TEACHER_DIR, CacheError, CacheReader
+from teacher_cache.teacher import tokenizer_sha256
 
 
 def check_cache(
@@ -39,7 +40,27 @@ def check_cache(
                 f"loss.temperature={loss.temperature} is not cached (cache has {temps}); use one of "
                 "them, loss.kd_mode=exact, or recache with it in outputs.temperatures"
             )
-        positions = m["identity"]["outputs"]["logit_positions"]
+        outputs = m["identity"]["outputs"]
+        logits = outputs.get("logits", "topk")
+        if loss.kd_mode in ("topk_tail", "topk_renorm") and logits == "sampled":
+            problems.append(
+                f"loss.kd_mode={loss.kd_mode} needs cached top-k logits, the cache holds sampled ones only; "
+                "use loss.kd_mode=sampled or recache with outputs.logits=both"
+            )
+        if loss.kd_mode in ("topk_tail", "topk_renorm") and loss.topk is not None and loss.topk > outputs["k"]:
+            problems.append(f"loss.topk={loss.topk} exceeds the cached k={outputs['k']}; use at most {outputs['k']}")
+        if loss.kd_mode == "sampled":
+            if logits == "topk":
+                problems.append(
+                    "loss.kd_mode=sampled needs sampled teacher logits, the cache holds top-k only; "
+                    "recache with outputs.logits=sampled or both"
+                )
+            elif float(loss.temperature) != float(outputs["sample_temperature"]):
+                problems.append(
+                    f"loss.temperature={loss.temperature} but the cache sampled the teacher at "
+                    f"T={outputs['sample_temperature']}; set loss.temperature={outputs['sample_temperature']}"
+                )
+        positions = outputs["logit_positions"]
         if loss.kd_mode != "exact" and loss.kd_positions == "all" and positions == "masked":
             problems.append(
                 "loss.kd_positions=all but the cache holds logits at masked positions only; set "
@@ -56,3 +77,16 @@ def check_cache(
             f"has {hidden_size(student_config)}; use student.init=random"
         )
     return problems
+
+
+def preflight(cfg: TrainConfig, online: bool = False) -> list[str]:
+    """The problems `train-student` would refuse `cfg` for, without starting it (for sweeps)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        reader = CacheReader(cfg.cache)
+    except CacheError as exc:
+        return [str(exc)]
+    teacher_dir = reader.path / TEACHER_DIR
+    config = student_config(cfg.student, AutoConfig.from_pretrained(teacher_dir))
+    return check_cache(reader, cfg, config, tokenizer_sha256(AutoTokenizer.from_pretrained(teacher_dir)), online)

@@ -43,12 +43,17 @@ class StudentConfig:
 class LossConfig:
     """The triple loss: alpha_ce * KD + alpha_mlm * MLM + alpha_cos * cosine."""
 
-    kd_mode: Literal["topk_tail", "topk_renorm", "exact"] = "topk_tail"
+    kd_mode: Literal["topk_tail", "topk_renorm", "exact", "sampled"] = "topk_tail"
     """`topk_tail`: exact KL over the k cached tokens plus one tail bucket; `topk_renorm`: teacher
     renormalised over its top-k (for comparison); `exact`: full-vocabulary teacher logits rebuilt from
-    cached hidden states through the cached MLM head (any temperature)."""
+    cached hidden states through the cached MLM head (any temperature); `sampled`: RS-KD's unbiased
+    estimator from the cached teacher samples (a cache built with outputs.logits: sampled or both)."""
     temperature: float = 2.0
-    """KD temperature (topk modes need it among the cache's temperatures)."""
+    """KD temperature (topk modes need it among the cache's temperatures; `sampled` needs the
+    cache's outputs.sample_temperature)."""
+    topk: int | None = None
+    """Use only the first `topk` of the cached top-k tokens (null: all); the tail bucket grows to
+    match, so one k=64 cache serves k in {8, 16, 64} ablations."""
     kd_positions: Literal["all", "masked"] = "all"
     """Distil on every non-pad token (DistilBERT) or on masked tokens only."""
     alpha_ce: float = 5.0
@@ -64,6 +69,8 @@ class LossConfig:
         problems = []
         if self.temperature <= 0:
             problems.append(f"temperature: {self.temperature} must be positive")
+        if self.topk is not None and self.topk < 1:
+            problems.append(f"topk: {self.topk} must be at least 1 or null")
         if min(self.alpha_ce, self.alpha_mlm, self.alpha_cos) < 0:
             problems.append("alpha_*: weights must be non-negative")
         if self.alpha_ce + self.alpha_mlm + self.alpha_cos == 0:

@@ -37,6 +37,9 @@ class Fields:
     hidden: bool
     lse_column: int | None
     """Index of the KD temperature in the cache's temperatures (topk modes)."""
+    samples: bool = False
+    topk_limit: int | None = None
+    """Read only the first (largest) `topk_limit` of the cached top-k (loss.topk)."""
 
 
 def view_blocks(layout: SplitLayout, view: int) -> tuple[np.ndarray, np.ndarray]:
@@ -98,6 +101,8 @@ class GroupDataset(Dataset):
         names = ["input_ids", "labels", "lengths", "sequence_index", "view"]
         if self.fields.topk:
             names += ["topk_values", "topk_indices", "logsumexp"]
+        if self.fields.samples:
+            names += ["sample_ids", "sample_counts"]
         if self.fields.hidden:
             names += ["hidden"] + (["hidden_scale"] if "hidden_scale" in reader.fields else [])
         parts = [reader.read_block(self.split, int(b), names) for b in plan.groups[stream][group]]
@@ -116,9 +121,13 @@ class GroupDataset(Dataset):
         }
         outputs = reader.identity["outputs"]
         if self.fields.topk:
-            out["topk_values"] = decode_values(d["topk_values"], outputs["logits_dtype"])
-            out["topk_indices"] = torch.from_numpy(d["topk_indices"].astype(np.int64))
+            k = self.fields.topk_limit
+            out["topk_values"] = decode_values(np.ascontiguousarray(d["topk_values"][..., :k]), outputs["logits_dtype"])
+            out["topk_indices"] = torch.from_numpy(d["topk_indices"][..., :k].astype(np.int64))
             out["lse"] = torch.from_numpy(np.ascontiguousarray(d["logsumexp"][..., self.fields.lse_column]))
+        if self.fields.samples:
+            out["sample_ids"] = torch.from_numpy(d["sample_ids"].astype(np.int64))
+            out["sample_counts"] = torch.from_numpy(d["sample_counts"].astype(np.float32))
         if self.fields.hidden:
             out["hidden"] = decode_hidden(d["hidden"], d.get("hidden_scale"), outputs["hidden_dtype"])
         return out

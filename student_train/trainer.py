@@ -17,6 +17,7 @@ import random
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -39,11 +40,12 @@ from teacher_cache.store import TEACHER_DIR, CacheReader
 from teacher_cache.teacher import tokenizer_sha256, weights_sha256
 
 log = logging.getLogger(__name__)
+SUMMARY_FILE = "summary.json"
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, online_teacher: bool = False, resume: bool = False):
-        self.cfg, self.online, self.resume = cfg, online_teacher, resume
+    def __init__(self, cfg: TrainConfig, online_teacher: bool = False, resume: bool = False, overwrite: bool = False):
+        self.cfg, self.online, self.resume, self.overwrite = cfg, online_teacher, resume, overwrite
         self.run_dir = Path(cfg.output_dir)
         self.step = 0
         self.teacher: torch.nn.Module | None = None
@@ -51,6 +53,7 @@ class Trainer:
     # ----------------------------------------------------------------------------- setup
 
     def setup(self) -> None:
+        self._check_run_dir()
         self._setup_distributed()
         self._setup_cache_and_model()
         self._setup_data()
@@ -153,11 +156,14 @@ class Trainer:
     def _setup_data(self) -> None:
         cfg, loss = self.cfg, self.cfg.loss
         temps = [float(t) for t in self.reader.identity["outputs"]["temperatures"]]
-        topk = not self.online and loss.alpha_ce > 0 and loss.kd_mode != "exact"
+        kd = not self.online and loss.alpha_ce > 0
+        topk = kd and loss.kd_mode in ("topk_tail", "topk_renorm")
         fields = Fields(
             topk=topk,
-            hidden=not self.online and (loss.alpha_cos > 0 or (loss.alpha_ce > 0 and loss.kd_mode == "exact")),
+            hidden=not self.online and (loss.alpha_cos > 0 or (kd and loss.kd_mode == "exact")),
             lse_column=temps.index(float(loss.temperature)) if topk else None,
+            samples=kd and loss.kd_mode == "sampled",
+            topk_limit=loss.topk,
         )
         streams = cfg.data.streams or self.world
         try:
@@ -186,6 +192,21 @@ class Trainer:
         self.ds_config = ds_config.resolve(template, self.cfg, self.world, self.total_steps, self.precision, self.cpu)
         params = [p for p in self.module.parameters() if p.requires_grad]
         self.engine, *_ = deepspeed.initialize(model=self.module, model_parameters=params, config=self.ds_config)
+
+    def _check_run_dir(self) -> None:
+        """A fresh run never mixes with an earlier one's checkpoints, metrics or summary."""
+        if self.resume:
+            return
+        stale = [self.run_dir / n for n in ("checkpoints", "metrics.jsonl", SUMMARY_FILE, "final", "tensorboard")]
+        stale = [p for p in stale if p.exists()]
+        if stale and not self.overwrite:
+            raise DistilcacheError(
+                f"output_dir {self.run_dir} holds an earlier run ({', '.join(p.name for p in stale)}); "
+                "pass --resume to continue it, --overwrite to start over, or choose another output_dir"
+            )
+        if stale and int(os.environ.get("RANK", "0")) == 0:
+            for p in stale:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
 
     def _setup_run_dir(self) -> None:
         if self.rank == 0:
@@ -257,6 +278,10 @@ class Trainer:
         summary = stats.summary() | {"eval": result, "export": str(export), "run_dir": str(self.run_dir)}
         if self.rank == 0:
             log.info("%s", stats.summary_text(summary, table(result) if result else None))
+            # written last: its presence marks a finished run (pipeline ablate skips those)
+            tmp = self.run_dir / f"{SUMMARY_FILE}.tmp"
+            tmp.write_text(json.dumps(summary | {"config": to_dict(self.cfg)}, indent=2))
+            tmp.replace(self.run_dir / SUMMARY_FILE)
         return summary
 
     def _loss_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -283,22 +308,24 @@ class Trainer:
         zero = logits.new_zeros((), dtype=torch.float32)
         kd = mlm = cos = zero
         if lcfg.alpha_ce > 0:
-            s, T = logits[kd_at], lcfg.temperature
+            at = _selector(kd_at)
+            s, T = at(logits), lcfg.temperature
             if t_logits is not None:
-                per_token = losses.kd_full(s, t_logits[kd_at], T)
+                per_token = losses.kd_full(s, at(t_logits), T)
             elif lcfg.kd_mode == "exact":
-                per_token = losses.kd_exact(s, t_hidden[kd_at], self.head, T, lcfg.exact_chunk_tokens)
+                per_token = losses.kd_exact(s, at(t_hidden), self.head, T, lcfg.exact_chunk_tokens)
+            elif lcfg.kd_mode == "sampled":
+                per_token = losses.kd_sampled(s, at(b["sample_ids"]), at(b["sample_counts"]), T)
             elif lcfg.kd_mode == "topk_tail":
-                per_token = losses.kd_topk_tail(
-                    s, b["topk_values"][kd_at], b["topk_indices"][kd_at], b["lse"][kd_at], T
-                )
+                per_token = losses.kd_topk_tail(s, at(b["topk_values"]), at(b["topk_indices"]), at(b["lse"]), T)
             else:
-                per_token = losses.kd_topk_renorm(s, b["topk_values"][kd_at], b["topk_indices"][kd_at], T)
+                per_token = losses.kd_topk_renorm(s, at(b["topk_values"]), at(b["topk_indices"]), T)
             kd = per_token.sum()
         if lcfg.alpha_mlm > 0 and bool(masked.any()):
             mlm = torch.nn.functional.cross_entropy(logits[masked].float(), labels[masked], reduction="sum")
         if lcfg.alpha_cos > 0:
-            cos = losses.cosine_loss(hidden[valid], t_hidden[valid]).sum()
+            at = _selector(valid)
+            cos = losses.cosine_loss(at(hidden), at(t_hidden)).sum()
         loss = (lcfg.alpha_ce * kd / n_kd + lcfg.alpha_mlm * mlm / n_mlm + lcfg.alpha_cos * cos / n_cos) * self.world
         parts = torch.tensor([kd.item(), mlm.item(), cos.item(), *counts.tolist()], dtype=torch.float64)
         return loss, parts
@@ -406,6 +433,15 @@ class Trainer:
             self.metrics.close()
 
 
+def _selector(positions: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Rows of (B, L, ...) tensors at `positions`; a free view when every position is selected
+    (packed sequences: all but the corpus's last), sparing an (n, V) copy of the logits and its
+    scatter in the backward pass."""
+    if bool(positions.all()):
+        return lambda x: x.flatten(0, 1)
+    return lambda x: x[positions]
+
+
 def _destroy_process_group() -> None:
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()
@@ -438,8 +474,8 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def run_train(cfg: TrainConfig, online_teacher: bool = False, resume: bool = False) -> dict:
-    trainer = Trainer(cfg, online_teacher, resume)
+def run_train(cfg: TrainConfig, online_teacher: bool = False, resume: bool = False, overwrite: bool = False) -> dict:
+    trainer = Trainer(cfg, online_teacher, resume, overwrite)
     try:
         trainer.setup()
         return trainer.train()

@@ -136,7 +136,7 @@ class OutputsConfig:
     """What is cached per token."""
 
     k: int = 64
-    """Top-k teacher logits kept per position."""
+    """Top-k teacher logits kept per position (logits: topk or both)."""
     temperatures: list[float] = field(default_factory=lambda: [1.0, 2.0])
     """Temperatures at which the full-vocabulary log-sum-exp is stored (exact tail mass)."""
     logit_positions: Literal["all", "masked"] = "all"
@@ -145,11 +145,23 @@ class OutputsConfig:
     """Storage dtype of the top-k logit values."""
     hidden_dtype: Literal["float16", "int8", "float32"] = "float16"
     """Storage of last hidden states: float16, int8 with a per-token float16 scale, or float32."""
+    logits: Literal["topk", "sampled", "both"] = "topk"
+    """Sparse teacher logits: top-k with the log-sum-exp (`topk`), tokens sampled from the teacher's
+    distribution with their counts (`sampled`, RS-KD, Anshumann et al. 2025), or both."""
+    n_samples: int = 64
+    """Draws per position with logits: sampled (with replacement; distinct ids stored with counts)."""
+    sample_temperature: float = 1.0
+    """Temperature of the teacher distribution the samples are drawn from (= the KD temperature
+    that stage two's `sampled` mode uses)."""
 
     def check(self) -> list[str]:
         problems = []
         if self.k < 1:
             problems.append(f"k: {self.k} must be at least 1")
+        if not 1 <= self.n_samples <= 65535:
+            problems.append(f"n_samples: {self.n_samples} must be in [1, 65535]")
+        if self.sample_temperature <= 0:
+            problems.append(f"sample_temperature: {self.sample_temperature} must be positive")
         if not self.temperatures:
             problems.append("temperatures: give at least one, e.g. [1.0, 2.0]")
         if any(t <= 0 for t in self.temperatures):

@@ -56,31 +56,36 @@ def field_specs(
     ids_dtype: str,
     logits_dtype: str,
     hidden_dtype: str,
+    logits: str = "topk",
+    n_samples: int = 0,
 ) -> list[FieldSpec]:
     """The public schema of a split (see README, "Cache format")."""
-    index_dtype = "uint16"
+    index_dtype = "uint16" if ids_dtype == "uint16" else "int32"
     fields = [
         FieldSpec("input_ids", (length,), ids_dtype, "ids"),
         FieldSpec("labels", (length,), "int32", "labels"),
         FieldSpec("lengths", (), "int32", "small"),
         FieldSpec("sequence_index", (), "int64", "small"),
         FieldSpec("view", (), "uint8", "raw"),
-        FieldSpec(
-            "topk_values",
-            (length, k),
-            "float16" if logits_dtype == "float16" else "uint16",
-            "values",
-            None if logits_dtype == "float16" else "bfloat16",
-        ),
-        FieldSpec(
-            "topk_indices",
-            (length, k),
-            index_dtype if ids_dtype == "uint16" else "int32",
-            "indices",
-        ),
         FieldSpec("logsumexp", (length, n_temps), "float32", "lse"),
         FieldSpec("hidden", (length, hidden_size), hidden_dtype, "raw"),
     ]
+    if logits in ("topk", "both"):
+        fields += [
+            FieldSpec(
+                "topk_values",
+                (length, k),
+                "float16" if logits_dtype == "float16" else "uint16",
+                "values",
+                None if logits_dtype == "float16" else "bfloat16",
+            ),
+            FieldSpec("topk_indices", (length, k), index_dtype, "indices"),
+        ]
+    if logits in ("sampled", "both"):
+        fields += [
+            FieldSpec("sample_ids", (length, n_samples), index_dtype, "indices"),
+            FieldSpec("sample_counts", (length, n_samples), "uint8" if n_samples <= 255 else "uint16", "labels"),
+        ]
     if hidden_dtype == "int8":
         fields.append(FieldSpec("hidden_scale", (length,), "float16", "lse"))
     return fields

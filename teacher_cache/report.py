@@ -45,6 +45,25 @@ def size_rows(manifest: dict) -> list[tuple[str, int, float, float]]:
     ]
 
 
+KD_MODE_FIELDS = {
+    "topk_tail / topk_renorm": ("topk_values", "topk_indices", "logsumexp"),
+    "sampled": ("sample_ids", "sample_counts"),
+    "exact": ("hidden", "hidden_scale"),
+}
+"""The teacher fields each stage-two KD mode reads for its logits term (ids, labels and, for the
+cosine loss, hidden states are read whatever the mode)."""
+
+
+def storage_by_mode(manifest: dict) -> list[tuple[str, float]]:
+    """(KD mode, bytes per token of its teacher-logit fields) for the modes this cache serves."""
+    per_token = {name: b for name, _, b, _ in size_rows(manifest)}
+    rows = []
+    for mode, names in KD_MODE_FIELDS.items():
+        if names[0] in per_token:
+            rows.append((mode, sum(per_token.get(n, 0.0) for n in names)))
+    return rows
+
+
 def summary(store: CacheStore) -> str:
     """The block printed when a capture finishes (or a complete cache is reused)."""
     m = store.manifest
@@ -67,6 +86,9 @@ def summary(store: CacheStore) -> str:
     ]
     for name, nbytes, per_token, ratio in size_rows(m):
         lines.append(f"  {name:<15}{human_bytes(nbytes):>12}{per_token:>10.1f}{ratio:>12.2f}x")
+    lines.append(
+        "  teacher-logit bytes per token by KD mode: " + ", ".join(f"{mode} {b:,.1f}" for mode, b in storage_by_mode(m))
+    )
     return "\n".join(lines)
 
 
@@ -83,25 +105,29 @@ def teacher_stats(reader: CacheReader, split: str = "train", sample_rows: int = 
     temps = reader.identity["outputs"]["temperatures"]
     lay = reader.layouts[split]
     data = reader.read_rows(split, 0, min(sample_rows, lay.rows))
-    dtype = reader.identity["outputs"]["logits_dtype"]
-    values = decode_values(data["topk_values"], dtype)  # (n, L, k)
     lse = torch.from_numpy(data["logsumexp"])  # (n, L, T)
     labels = torch.from_numpy(data["labels"]).long()
     lengths = torch.from_numpy(data["lengths"])
-    valid = torch.arange(values.shape[1])[None, :] < lengths[:, None]
+    valid = torch.arange(labels.shape[1])[None, :] < lengths[:, None]
     masked = labels != IGNORE_INDEX
     has_logits = valid if reader.identity["outputs"]["logit_positions"] == "all" else masked
     head = load_head(reader.path / TEACHER_DIR) if (reader.path / TEACHER_DIR / HEAD_FILE).is_file() else None
     hidden = decode_hidden(data["hidden"], data.get("hidden_scale"), reader.identity["outputs"]["hidden_dtype"])
-    out: dict = {"rows": int(values.shape[0]), "temperatures": {}}
-    top1 = torch.from_numpy(data["topk_indices"].astype(np.int64))[..., 0]
+    out: dict = {"rows": int(labels.shape[0]), "temperatures": {}}
+    if "topk_indices" in data:
+        top1 = torch.from_numpy(data["topk_indices"].astype(np.int64))[..., 0]
+    else:  # sampled only: the most drawn id
+        counts = torch.from_numpy(data["sample_counts"].astype(np.int64))
+        top1 = torch.from_numpy(data["sample_ids"].astype(np.int64)).gather(-1, counts.argmax(-1, keepdim=True))[..., 0]
     out["masked_accuracy"] = float((top1[masked] == labels[masked]).float().mean()) if masked.any() else math.nan
     for j, t in enumerate(temps):
-        mass = torch.exp(values / t - lse[..., j : j + 1]).sum(-1)  # (n, L)
-        entry = {
-            "topk_mass_all": float(mass[has_logits].mean()),
-            "topk_mass_masked": float(mass[masked & has_logits].mean()) if (masked & has_logits).any() else math.nan,
-        }
+        entry = {"topk_mass_all": math.nan, "topk_mass_masked": math.nan}
+        if "topk_values" in data:
+            values = decode_values(data["topk_values"], reader.identity["outputs"]["logits_dtype"])  # (n, L, k)
+            mass = torch.exp(values / t - lse[..., j : j + 1]).sum(-1)  # (n, L)
+            entry["topk_mass_all"] = float(mass[has_logits].mean())
+            if (masked & has_logits).any():
+                entry["topk_mass_masked"] = float(mass[masked & has_logits].mean())
         if head is not None:
             with torch.no_grad():
                 logits = head(hidden[masked]) / t
@@ -142,9 +168,9 @@ def inspect_text(reader: CacheReader, sample_rows: int = 256) -> str:
     for t, e in stats["temperatures"].items():
         ent = "/".join(f"{x:.2f}" for x in e.get("entropy_masked_p10_p50_p90", [])) or "n/a (no head)"
         lines.append(f"  {t:>5}{e['topk_mass_all']:>19.3f}{e['topk_mass_masked']:>22.3f}{ent:>30}")
-    k = ident["outputs"]["k"]
-    lines.append(
-        f"  (k={k}: the tail bucket holds the rest; a small masked mass at the training T "
-        "means the top-k alone would bias KD, see README)"
-    )
+    if ident["outputs"].get("logits", "topk") != "sampled":
+        lines.append(
+            f"  (k={ident['outputs']['k']}: the tail bucket holds the rest; a small masked mass at the training T "
+            "means the top-k alone would bias KD, see README)"
+        )
     return "\n".join(lines)

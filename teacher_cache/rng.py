@@ -16,6 +16,8 @@ STREAM_SHUFFLE, STREAM_EVAL_SPLIT = 4, 5
 """Corpus streams: the order of sequences, which documents are held out."""
 STREAM_BLOCKS, STREAM_ROWS = 6, 7
 """Training streams: the order of blocks in an epoch, the order of rows in a group of blocks."""
+STREAM_SAMPLES = 8
+"""Sampled teacher logits: the uniforms behind each position's draws."""
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:

@@ -29,7 +29,7 @@ from pipeline.dist import DistEnv
 from pipeline.log import human_bytes
 from pipeline.versions import library_versions
 from teacher_cache import report
-from teacher_cache.config import CacheConfig
+from teacher_cache.config import CacheConfig, OutputsConfig
 from teacher_cache.corpus import PackedCorpus, PackedSplit, prepare_corpus
 from teacher_cache.encode import encode_hidden, encode_values
 from teacher_cache.head import HEAD_FILE, save_head
@@ -42,6 +42,7 @@ from teacher_cache.layout import (
     split_seed,
 )
 from teacher_cache.masking import IGNORE_INDEX, MaskSpec, make_spec, mask_batch
+from teacher_cache.sampling import sample_uniforms
 from teacher_cache.store import (
     FORMAT,
     FORMAT_VERSION,
@@ -80,6 +81,8 @@ def build_plan(cfg: CacheConfig, teacher: Teacher, corpus: PackedCorpus) -> Cach
         ids_dtype,
         out.logits_dtype,
         out.hidden_dtype,
+        out.logits,
+        out.n_samples,
     )
     layouts = {}
     for name, packed, limit, views in (
@@ -179,18 +182,28 @@ class Batch:
     sequence_index: np.ndarray  # (n,)
     view: np.ndarray  # (n,)
     positions: np.ndarray  # (n, L) bool: positions whose logits are cached
+    draws: np.ndarray | None = None  # (positions, S) uniforms of the sampled logits
 
 
 def prepare_batch(
-    packed: PackedSplit, seq: np.ndarray, view: np.ndarray, seed: int, spec: MaskSpec, logit_positions: str, rows: slice
+    packed: PackedSplit,
+    seq: np.ndarray,
+    view: np.ndarray,
+    seed: int,
+    spec: MaskSpec,
+    outputs: OutputsConfig,
+    rows: slice,
 ) -> Batch:
-    """Gather and mask one batch of rows (pure given its inputs)."""
+    """Gather and mask one batch of rows, and draw its sampling uniforms (pure given its inputs)."""
     ids = np.asarray(packed.ids[seq])
     lengths = packed.lengths[seq]
     masked, labels = mask_batch(ids, seq, view, seed, spec)
     attention = np.arange(ids.shape[1])[None, :] < lengths[:, None]
-    positions = attention if logit_positions == "all" else labels != IGNORE_INDEX
-    return Batch(rows, masked, labels, lengths, seq, view, positions)
+    positions = attention if outputs.logit_positions == "all" else labels != IGNORE_INDEX
+    draws = None
+    if outputs.logits != "topk":
+        draws = sample_uniforms(seed, seq, view, ids.shape[1], outputs.n_samples)[positions]
+    return Batch(rows, masked, labels, lengths, seq, view, positions, draws)
 
 
 def capture_shard(
@@ -207,16 +220,21 @@ def capture_shard(
         ids = torch.from_numpy(b.input_ids.astype(np.int64))
         attention = torch.from_numpy(np.arange(ids.shape[1])[None, :] < b.lengths[:, None])
         positions = torch.from_numpy(b.positions)
-        out = teacher.forward(ids, attention.long(), positions, out_cfg.k, out_cfg.temperatures, chunk)
+        draws = None if b.draws is None else (torch.from_numpy(b.draws), out_cfg.sample_temperature)
+        out = teacher.forward(ids, attention.long(), positions, out_cfg.k, out_cfg.temperatures, chunk, draws)
         sel = b.positions
         buf["input_ids"][b.rows] = b.input_ids
         buf["labels"][b.rows] = b.labels
         buf["lengths"][b.rows] = b.lengths
         buf["sequence_index"][b.rows] = b.sequence_index
         buf["view"][b.rows] = b.view
-        buf["topk_values"][b.rows][sel] = encode_values(out.values, out_cfg.logits_dtype)
-        buf["topk_indices"][b.rows][sel] = out.indices.cpu().numpy().astype(buf["topk_indices"].dtype)
         buf["logsumexp"][b.rows][sel] = out.lse.cpu().numpy()
+        if "topk_values" in buf:
+            buf["topk_values"][b.rows][sel] = encode_values(out.values, out_cfg.logits_dtype)
+            buf["topk_indices"][b.rows][sel] = out.indices.cpu().numpy().astype(buf["topk_indices"].dtype)
+        if out.sample_ids is not None:
+            buf["sample_ids"][b.rows][sel] = out.sample_ids.cpu().numpy().astype(buf["sample_ids"].dtype)
+            buf["sample_counts"][b.rows][sel] = out.sample_counts.cpu().numpy().astype(buf["sample_counts"].dtype)
         hidden = out.hidden.float().masked_fill(~attention.to(out.hidden.device)[..., None], 0.0)
         codes, scale = encode_hidden(hidden, out_cfg.hidden_dtype)
         buf["hidden"][b.rows] = codes
@@ -363,9 +381,7 @@ def _shard_batches(
 
     def make(a: int) -> Batch:
         b = min(a + size, hi)
-        return prepare_batch(
-            packed, seq[a:b], view[a:b], seed, spec, cfg.outputs.logit_positions, slice(a - lo, b - lo)
-        )
+        return prepare_batch(packed, seq[a:b], view[a:b], seed, spec, cfg.outputs, slice(a - lo, b - lo))
 
     return prefetch(range(lo, hi, size), make)
 

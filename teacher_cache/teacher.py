@@ -1,7 +1,7 @@
 """Teacher runtime: load any Hugging Face masked LM and run it for the cache.
 
 The forward runs the encoder once, then the MLM head fused with top-k and log-sum-exp in row
-chunks over the selected positions only (see `topk.head_topk_logsumexp`), so the full
+chunks over the selected positions only (see `topk.chunked_logit_stats`), so the full
 (batch, length, vocab) logits tensor is never materialised.
 """
 
@@ -18,7 +18,7 @@ import torch
 from pipeline.errors import DistilcacheError
 from teacher_cache.config import TeacherConfig
 from teacher_cache.head import find_head
-from teacher_cache.topk import head_topk_logsumexp, topk_logsumexp
+from teacher_cache.topk import chunked_logit_stats
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,8 @@ class TeacherBatch:
     indices: torch.Tensor  # (n, k) int64 token ids
     lse: torch.Tensor  # (n, T) fp32 log-sum-exp per temperature
     hidden: torch.Tensor  # (B, L, H) last hidden states
+    sample_ids: torch.Tensor | None = None  # (n, S) distinct sampled ids, when draws were given
+    sample_counts: torch.Tensor | None = None  # (n, S) their counts
 
 
 @dataclass
@@ -84,26 +86,33 @@ class Teacher:
         k: int,
         temperatures: list[float],
         chunk_tokens: int,
+        draws: tuple[torch.Tensor, float] | None = None,
     ) -> TeacherBatch:
-        """Hidden states for the batch and top-k/lse at `positions` ((B, L) bool)."""
+        """Hidden states for the batch and top-k/lse (and samples, given (n, S) uniforms and a
+        temperature as `draws`) at `positions` ((B, L) bool)."""
         input_ids = input_ids.to(self.device, non_blocking=True)
         attention_mask = attention_mask.to(self.device, non_blocking=True)
         positions = positions.to(self.device, non_blocking=True)
+        if draws is not None:
+            draws = (draws[0].to(self.device, non_blocking=True), draws[1])
         head = find_head(self.model)
         if head is not None:
-            out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask)
-            hidden = out.last_hidden_state  # (B, L, H)
-            values, indices, lse = head_topk_logsumexp(head, hidden[positions], k, temperatures, chunk_tokens)
+            hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            selected = hidden[positions]
+
+            def logits_of(a: int, b: int) -> torch.Tensor:
+                return head(selected[a:b])
         else:  # unknown head: run the whole model, then reduce its logits chunk by chunk
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
             hidden = out.hidden_states[-1]
-            selected = out.logits[positions]
-            parts = [
-                topk_logsumexp(selected[i : i + chunk_tokens], k, temperatures)
-                for i in range(0, selected.shape[0], chunk_tokens)
-            ]
-            values, indices, lse = (torch.cat(p) for p in zip(*parts, strict=True))
-        return TeacherBatch(values, indices, lse, hidden)
+            logits = out.logits[positions]  # a copy: chunks of it may be reduced in place
+
+            def logits_of(a: int, b: int) -> torch.Tensor:
+                return logits[a:b]
+
+        n = int(positions.sum())
+        stats = chunked_logit_stats(logits_of, n, k, temperatures, chunk_tokens, draws)
+        return TeacherBatch(*stats[:3], hidden, *stats[3:])
 
 
 def resolve_device(spec: str) -> torch.device:

@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from teacher_cache.sampling import sample_counts
+
 SAFE_EXPONENT = 60.0
 """exp(60) * 2^24 vocabulary entries stays far below float32's max (3.4e38), and exp(-60)
 stays a normal float: within this range the log-sum-exp needs no max subtraction."""
@@ -60,22 +62,34 @@ def _sum_exp(shifted: torch.Tensor, temperatures: Sequence[float]) -> torch.Tens
     return torch.stack([sums[t] for t in temperatures], dim=-1)
 
 
-def head_topk_logsumexp(
-    head: Callable[[torch.Tensor], torch.Tensor],
-    hidden: torch.Tensor,
+def chunked_logit_stats(
+    logits_of: Callable[[int, int], torch.Tensor],
+    n: int,
     k: int,
     temperatures: Sequence[float],
     chunk_tokens: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run ``head`` (hidden -> logits) over (n, H) hidden states in row chunks, fused with top-k
-    and log-sum-exp; returns values (n, k) fp32, ids (n, k) int64, lse (n, T) fp32."""
-    n = hidden.shape[0]
-    dev = hidden.device
-    values = torch.empty(n, k, dtype=torch.float32, device=dev)
-    indices = torch.empty(n, k, dtype=torch.int64, device=dev)
-    lse = torch.empty(n, len(temperatures), dtype=torch.float32, device=dev)
+    draws: tuple[torch.Tensor, float] | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Reduce the logits of n positions, produced chunk by chunk by ``logits_of(start, stop)``
+    (e.g. the MLM head on those hidden states), to top-k values (n, k) fp32, ids (n, k) int64,
+    log-sum-exp (n, T) fp32 and, given ``draws`` = ((n, S) uniforms, temperature), the sampled
+    ids and counts (n, S) int64 (see `sampling.sample_counts`)."""
+    first = logits_of(0, min(chunk_tokens, n)) if n else None
+    dev = first.device if first is not None else torch.device("cpu")
+    out = [
+        torch.empty(n, k, dtype=torch.float32, device=dev),
+        torch.empty(n, k, dtype=torch.int64, device=dev),
+        torch.empty(n, len(temperatures), dtype=torch.float32, device=dev),
+    ]
+    if draws is not None:
+        out += [torch.empty(n, draws[0].shape[-1], dtype=torch.int64, device=dev) for _ in range(2)]
     for start in range(0, n, chunk_tokens):
         stop = min(start + chunk_tokens, n)
-        v, i, s = topk_logsumexp(head(hidden[start:stop]), k, temperatures)
-        values[start:stop], indices[start:stop], lse[start:stop] = v, i, s
-    return values, indices, lse
+        logits = first if start == 0 else logits_of(start, stop)
+        parts: tuple[torch.Tensor, ...] = ()
+        if draws is not None:  # before topk_logsumexp, which consumes the logits
+            parts = sample_counts(logits, draws[0][start:stop], draws[1])
+        parts = (*topk_logsumexp(logits, k, temperatures), *parts)
+        for buf, part in zip(out, parts, strict=True):
+            buf[start:stop] = part
+    return tuple(out)

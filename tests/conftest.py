@@ -127,7 +127,8 @@ def cache_cfg(assets, tmp_path):
 
 @pytest.fixture(scope="session")
 def tiny_cache(assets, tmp_path_factory) -> Path:
-    """A complete cache of the tiny teacher: 2 views x 64 sequences (blocks of 4, shards of 16), eval 16."""
+    """A complete cache of the tiny teacher: 2 views x 64 sequences (blocks of 4, shards of 16), eval 16;
+    top-k (k=16) and 16 teacher samples at T=2 per token."""
     from pipeline.config import from_dict
     from teacher_cache.config import CacheConfig
     from teacher_cache.run import run_cache
@@ -139,7 +140,7 @@ def tiny_cache(assets, tmp_path_factory) -> Path:
         "corpus": {"paths": [str(assets.text_dir / "*.txt")], "max_seq_len": SEQ_LEN, "eval_fraction": 0.1},
         "masking": {"views": 2},
         "teacher": {"name": str(assets.teacher), "batch_size": 16, "num_threads": 1},
-        "outputs": {"k": 16, "hidden_dtype": "float32"},
+        "outputs": {"k": 16, "hidden_dtype": "float32", "logits": "both", "n_samples": 16, "sample_temperature": 2.0},
         "store": {"cache_dir": str(root / "home"), "output": str(root / "cache"), "block_rows": 4, "shard_rows": 16},
     }
     return run_cache(from_dict(CacheConfig, raw))

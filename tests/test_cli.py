@@ -1,6 +1,7 @@
 """The command line: help, config printing, and one clear error line for every bad input."""
 
 import errno
+import json
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,19 @@ def test_verify_and_inspect_commands(cache_cfg):
     for expected in ("teacher statistics on", "top-k mass (all)", "hidden", "B/token", "masking"):
         assert expected in result.stdout
     assert_one_error(invoke("verify", str(Path(out).parent)), "is not a distilcache cache")
+
+
+def test_inspect_reports_bytes_per_token_for_each_kd_mode(tiny_cache):
+    result = invoke("inspect", str(tiny_cache))
+    assert result.exit_code == 0
+    line = next(x for x in result.stdout.splitlines() if "bytes per token by KD mode" in x)
+    manifest = json.loads((tiny_cache / "manifest.json").read_text())
+    tokens = sum(s["tokens"] for s in manifest["counts"]["splits"].values())
+    fields = manifest["counts"]["fields"]
+
+    def per_token(*names):
+        return sum(fields[n]["bytes"] for n in names if n in fields) / tokens
+
+    assert f"topk_tail / topk_renorm {per_token('topk_values', 'topk_indices', 'logsumexp'):,.1f}" in line
+    assert f"sampled {per_token('sample_ids', 'sample_counts'):,.1f}" in line
+    assert f"exact {per_token('hidden'):,.1f}" in line

@@ -86,6 +86,31 @@ def test_cached_mode_never_runs_the_teacher_and_exports_a_loadable_model(tiny_ca
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4] and "eval" in records[-1]
 
 
+def test_truncated_topk_and_sampled_modes_train_from_the_cache_alone(tiny_cache, tmp_path, monkeypatch):
+    """loss.topk and kd_mode=sampled read only the cache; at the first step (same weights, same
+    batch) coarser buckets give no larger a KL (k=4 <= k=16; the tiny teacher is near uniform, so
+    both are ~0), and the sampled estimate of KL + T^2 H(teacher) carries the teacher's entropy
+    (~ln 300 nats for the tiny near-uniform teacher)."""
+    from transformers import BertForMaskedLM, BertModel
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the teacher ran in cached mode")
+
+    monkeypatch.setattr(BertModel, "forward", boom)
+    monkeypatch.setattr(BertForMaskedLM, "forward", boom)
+    first_kd = {}
+    for name, changes in {
+        "k16": {},
+        "k4": {"loss.topk": 4},
+        "sampled": {"loss.kd_mode": "sampled"},
+    }.items():
+        train(tiny_cache, tmp_path / name, max_steps=2, **changes)
+        records = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        first_kd[name] = next(r["kd"] for r in records if "kd" in r)
+    assert first_kd["k4"] != first_kd["k16"] and first_kd["k4"] <= first_kd["k16"] + 1e-6
+    assert first_kd["sampled"] > 2.0**2 * 4.0
+
+
 def test_zero2_and_zero3_give_the_same_losses(tiny_cache, tmp_path):
     train(tiny_cache, tmp_path / "z2")
     train(tiny_cache, tmp_path / "z3", deepspeed_config=str(ROOT / "configs/deepspeed/zero3.json"))
@@ -173,8 +198,13 @@ def test_online_teacher_equals_exact_mode_from_fp32_hidden_states(assets, tiny_c
         ({"student.hidden_size": 16}, "student.init=teacher needs the teacher's width 32, the student has 16"),
         ({"data.split": "valid"}, r"data.split='valid' is not in the cache \(splits: train, eval\)"),
         ({"student.teacher": "/no/such/teacher"}, "teacher weights '/no/such/teacher' not found"),
+        ({"loss.topk": 17}, "loss.topk=17 exceeds the cached k=16"),
+        (
+            {"loss.kd_mode": "sampled", "loss.temperature": 1.0},
+            r"loss.temperature=1.0 but the cache sampled the teacher at T=2.0; set loss.temperature=2.0",
+        ),
     ],
-    ids=["temperature", "width", "split", "teacher-weights"],
+    ids=["temperature", "width", "split", "teacher-weights", "topk", "sample-temperature"],
 )
 def test_mismatched_runs_are_refused(tiny_cache, tmp_path, changes, match):
     with pytest.raises(DistilcacheError, match=match):

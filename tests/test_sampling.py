@@ -1,0 +1,97 @@
+"""Sampled sparse logits (RS-KD): the draws, their storage form and the unbiased KD estimator."""
+
+import numpy as np
+import pytest
+import torch
+
+from student_train import losses
+from teacher_cache.sampling import sample_counts, sample_uniforms
+
+T = 2.0
+V = 6
+DRAWS = 16
+REPEATS = 4000
+
+
+@pytest.fixture
+def logits() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(V, generator=g, dtype=torch.float64) * 2
+    student = torch.randn(V, generator=g, dtype=torch.float64)
+    return teacher, student
+
+
+def draw(teacher: torch.Tensor, repeats: int, n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    u = torch.rand(repeats, n, generator=torch.Generator().manual_seed(seed))
+    return sample_counts(teacher.expand(repeats, V), u, T)
+
+
+def test_counts_are_distinct_ascending_ids_packed_left(logits):
+    ids, counts = draw(logits[0], 200, DRAWS)
+    assert (counts.sum(-1) == DRAWS).all()
+    used = counts > 0
+    assert (used[:, :-1] | ~used[:, 1:]).all(), "used slots come first"
+    for row_ids, row_used in zip(ids, used, strict=True):
+        kept = row_ids[row_used]
+        assert (kept[1:] > kept[:-1]).all(), "distinct and ascending"
+    assert (ids[~used] == 0).all()
+
+
+def test_draws_follow_the_teacher_distribution_at_T(logits):
+    ids, counts = draw(logits[0], REPEATS, DRAWS)
+    freq = torch.zeros(V, dtype=torch.float64).index_add_(0, ids.flatten(), counts.flatten().double())
+    freq /= REPEATS * DRAWS
+    p = torch.softmax(logits[0] / T, -1)
+    se = (p * (1 - p) / (REPEATS * DRAWS)).sqrt()
+    assert ((freq - p).abs() <= 5 * se).all(), (freq, p)  # 5 sigma per token
+
+
+def gradient(loss_fn, student: torch.Tensor) -> torch.Tensor:
+    s = student.clone().requires_grad_(True)
+    loss_fn(s).backward()
+    return s.grad
+
+
+def test_sampled_kd_is_unbiased_for_the_full_kl_gradient(logits):
+    """Mean estimator gradient over REPEATS draws of DRAWS samples = the exact KL gradient.
+
+    Tolerance: 5 standard errors per logit. The estimator's gradient is T * (q - c/n), so its
+    standard error is T * sqrt(p (1 - p) / (REPEATS * DRAWS)); the renormalised top-2 estimator,
+    which is biased, must fail the same tolerance."""
+    teacher, student = logits
+    ids, counts = draw(teacher, REPEATS, DRAWS)
+    sampled = gradient(lambda s: losses.kd_sampled(s.expand(REPEATS, V), ids, counts.float(), T).mean(), student)
+    full = gradient(lambda s: losses.kd_full(s[None], teacher[None], T).sum(), student)
+    p = torch.softmax(teacher / T, -1)
+    se = T * (p * (1 - p) / (REPEATS * DRAWS)).sqrt()
+    assert ((sampled - full).abs() <= 5 * se).all(), (sampled, full)
+    values, top = teacher.topk(2)
+    renorm = gradient(lambda s: losses.kd_topk_renorm(s[None], values[None], top[None], T).sum(), student)
+    assert ((renorm - full).abs() > 5 * se).any(), "the test must be able to tell a biased estimator"
+
+
+def test_sampled_kd_value_estimates_kl_plus_teacher_entropy(logits):
+    teacher, student = logits
+    ids, counts = draw(teacher, REPEATS, DRAWS)
+    value = losses.kd_sampled(student.expand(REPEATS, V), ids, counts.float(), T)
+    p = torch.softmax(teacher / T, -1)
+    entropy = -(p * p.log()).sum() * T**2
+    kl = losses.kd_full(student[None], teacher[None], T)[0]
+    se = value.std() / REPEATS**0.5
+    assert abs(float(value.mean() - (kl + entropy))) <= 5 * float(se)
+
+
+def test_rows_without_samples_give_zero():
+    ids = torch.zeros(2, 4, dtype=torch.int64)
+    counts = torch.tensor([[3.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    ids[0, :2] = torch.tensor([1, 4])
+    out = losses.kd_sampled(torch.randn(2, V), ids, counts, T)
+    assert out[1] == 0 and out[0] > 0
+
+
+def test_uniforms_are_a_pure_function_of_sequence_view_and_position():
+    seq, view = np.array([5, 9, 5]), np.array([0, 0, 1])
+    u = sample_uniforms(3, seq, view, 8, 4)
+    assert u.shape == (3, 8, 4) and u.dtype == np.float32 and ((u > 0) & (u < 1)).all()
+    np.testing.assert_array_equal(sample_uniforms(3, seq[1:2], view[1:2], 8, 4)[0], u[1])
+    assert not np.array_equal(u[0], u[2]), "another view draws anew"
