@@ -7,7 +7,7 @@ PIP := $(BIN)/python -m pip
 CONSTRAINTS := -c constraints-cpu.txt
 QUICKSTART := configs/quickstart.yaml
 
-.PHONY: setup test test-fast demo bench lint format docs clean
+.PHONY: setup test test-fast demo table4 bench lint format docs clean
 
 setup: $(VENV)/.installed
 
@@ -32,8 +32,16 @@ demo: setup  ## offline quickstart, end to end
 	$(BIN)/pipeline cache-teacher --config $(QUICKSTART)
 	$(BIN)/pipeline verify runs/quickstart/cache
 	$(BIN)/pipeline inspect runs/quickstart/cache
-	$(BIN)/pipeline train-student --config $(QUICKSTART)
+	$(BIN)/pipeline train-student --config $(QUICKSTART) --overwrite
 	$(BIN)/pipeline evaluate --model runs/quickstart/student/final --cache runs/quickstart/cache
+	# a small sweep from the same cache: DistilBERT's Table 4 variants, 20 steps each
+	$(BIN)/pipeline ablate --grid configs/ablations/distilbert-table4.yaml --config $(QUICKSTART) \
+		--output runs/quickstart/ablation --set max_steps=20 --set data.micro_batch_size=8
+
+table4: setup  ## DistilBERT's Table 4 on ../shared/ data (README, "Ablations"; ~40 min on 2 CPU cores)
+	$(BIN)/pipeline cache-teacher --config configs/table4-shared.yaml
+	$(BIN)/pipeline ablate --grid configs/ablations/distilbert-table4.yaml --config configs/table4-shared.yaml \
+		--output runs/table4/ablation
 
 bench: setup  ## measured ratios (needs ../shared/)
 	$(BIN)/python benchmarks/bench_cache.py --json runs/bench_cache.json

@@ -153,6 +153,7 @@ def inspect(path: str, sample: int, as_json: bool) -> None:
 @config_options
 @click.option("--online-teacher", is_flag=True, help="Run the teacher every step (the fidelity/speed baseline).")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in output_dir.")
+@click.option("--overwrite", is_flag=True, help="Start over in an output_dir that holds an earlier run.")
 @click.option("--local_rank", "--local-rank", "local_rank", type=int, default=None, hidden=True)
 @_guard
 def train_student(
@@ -161,6 +162,7 @@ def train_student(
     print_config: bool,
     online_teacher: bool,
     resume: bool,
+    overwrite: bool,
     local_rank: int | None,
 ) -> None:
     """Train a student with DeepSpeed ZeRO from a teacher cache (section `train`).
@@ -172,7 +174,9 @@ def train_student(
     from student_train.trainer import run_train
 
     cfg = _resolve(TrainConfig, "train", config_path, overrides, print_config)
-    summary = run_train(cfg, online_teacher=online_teacher, resume=resume)
+    if resume and overwrite:
+        raise DistilcacheError("--resume and --overwrite exclude each other; pick one")
+    summary = run_train(cfg, online_teacher=online_teacher, resume=resume, overwrite=overwrite)
     click.echo(f"model: {summary['export']}")
 
 
@@ -190,6 +194,56 @@ def evaluate(model_dir: str, cache: str, split: str, sequences: int, batch_size:
 
     result = run_evaluate(model_dir, cache, split, sequences, batch_size, json_path)
     click.echo(table(result))
+
+
+@main.command("ablate")
+@click.option("--grid", "grid_path", required=True, type=click.Path(), help="Grid YAML (configs/ablations/).")
+@click.option("--cache", default=None, type=click.Path(), help="The teacher cache every variant reads (train.cache).")
+@click.option("--output", default=None, type=click.Path(), help="Sweep directory [runs/ablations/<grid name>].")
+@click.option("--parallel", default=None, type=int, help="Variants at once [one per visible GPU, else 1].")
+@click.option("--report-only", is_flag=True, help="Rebuild the table and plot from finished variants.")
+@config_options
+@_guard
+def ablate(
+    grid_path: str,
+    cache: str | None,
+    output: str | None,
+    parallel: int | None,
+    report_only: bool,
+    config_path: str | None,
+    overrides: tuple[str, ...],
+    print_config: bool,
+) -> None:
+    """Train every variant of a grid from one cache, then write results.csv, results.md and results.png.
+
+    The base train config comes from --config's `train` section and --set; the grid's `base` and
+    each variant's overrides go on top. Rerunning skips finished variants and resumes interrupted ones.
+    """
+    from pathlib import Path
+
+    from pipeline.config import apply_overrides, read_section
+    from student_train import sweep
+    from student_train.sweep_report import write_report
+
+    grid = sweep.load_grid(grid_path)
+    base = apply_overrides(read_section(config_path, "train") if config_path else {}, overrides)
+    out = Path(output or Path("runs/ablations") / grid.name)
+    configs = sweep.resolve_variants(grid, base, cache, out)
+    if print_config:
+        for name, cfg in configs.items():
+            click.echo(f"# variant {name}\n{to_yaml(cfg)}")
+        return
+    cache_path = next(iter(configs.values())).cache
+    if not report_only:
+        outcome = sweep.run_sweep(grid, configs, out, parallel or sweep.default_parallel())
+    try:
+        report = write_report(grid, configs, out, cache_path)
+    except FileNotFoundError as exc:
+        raise DistilcacheError(f"{exc}; run the sweep without --report-only first") from None
+    click.echo(report.read_text())
+    click.echo(f"table: {report}\nplot:  {out / 'results.png'}\ncsv:   {out / 'results.csv'}")
+    if not report_only:
+        sweep.check_outcome(outcome)
 
 
 if __name__ == "__main__":

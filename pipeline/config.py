@@ -41,6 +41,16 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return data
 
 
+def apply_mapping(data: dict[str, Any], changes: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Apply ``{"a.b": value}`` changes (nested mappings allowed) to a nested mapping, in place."""
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            apply_mapping(data, value, f"{prefix}{key}.")
+        else:
+            _assign(data, f"{prefix}{key}".split("."), value)
+    return data
+
+
 def read_section(path: str | Path, section: str) -> dict[str, Any]:
     """The mapping under ``section`` in a YAML config file (empty when the section is absent)."""
     path = Path(path)

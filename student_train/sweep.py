@@ -1,0 +1,209 @@
+"""`pipeline ablate`: many student runs from one cache, each a `train-student` subprocess.
+
+A grid (YAML) names overrides shared by every variant (`base`) and each variant's own
+overrides. Every variant's resolved config is validated against the cache before any run
+starts. A variant whose run directory holds a `summary.json` with the same config is done and
+skipped; one with a checkpoint resumes (`--resume`); anything else starts over. Variants run
+one at a time, or `parallel` at once, one GPU each when several are visible.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm import tqdm
+
+from pipeline.config import apply_mapping, from_dict, to_dict
+from pipeline.errors import ConfigError, DistilcacheError
+from student_train.checks import preflight
+from student_train.config import TrainConfig
+from student_train.trainer import SUMMARY_FILE
+
+log = logging.getLogger(__name__)
+GRID_KEYS = {"name", "description", "base", "baseline", "primary_metric", "variants", "paper"}
+
+
+@dataclass
+class Grid:
+    """A parsed grid file: shared overrides, variants in order, the baseline and an optional paper reference."""
+
+    name: str
+    variants: dict[str, dict[str, Any]]
+    base: dict[str, Any] = field(default_factory=dict)
+    baseline: str = ""
+    primary_metric: str = "masked_accuracy"
+    description: str = ""
+    paper: dict[str, Any] | None = None
+
+
+def load_grid(path: str | Path) -> Grid:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"grid file {path} not found; see configs/ablations/ for examples")
+    doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"grid file {path} must be a mapping with `variants`")
+    unknown = sorted(set(doc) - GRID_KEYS)
+    if unknown:
+        known = ", ".join(sorted(GRID_KEYS))
+        raise ConfigError(f"grid file {path}: unknown key(s) {', '.join(unknown)}; known: {known}")
+    variants = doc.get("variants") or {}
+    if not isinstance(variants, dict) or not variants:
+        raise ConfigError(f"grid file {path}: `variants` must map variant names to overrides (at least one)")
+    bad = [n for n in variants if not str(n).replace("-", "").replace("_", "").isalnum()]
+    if bad:
+        raise ConfigError(f"grid file {path}: variant names {bad} must be letters, digits, '-' or '_'")
+    grid = Grid(
+        name=str(doc.get("name") or path.stem),
+        variants={str(n): dict(v or {}) for n, v in variants.items()},
+        base=dict(doc.get("base") or {}),
+        baseline=str(doc.get("baseline") or next(iter(variants))),
+        primary_metric=str(doc.get("primary_metric", "masked_accuracy")),
+        description=str(doc.get("description", "")),
+        paper=doc.get("paper"),
+    )
+    if grid.baseline not in grid.variants:
+        raise ConfigError(f"grid file {path}: baseline {grid.baseline!r} is not a variant ({', '.join(variants)})")
+    return grid
+
+
+def resolve_variants(grid: Grid, base_train: dict[str, Any], cache: str | None, out: Path) -> dict[str, TrainConfig]:
+    """Each variant's TrainConfig: --config/--set train section < grid base < variant; cache and
+    output_dir set by the sweep. All problems of all variants are reported at once."""
+    configs, problems = {}, []
+    for name, overrides in grid.variants.items():
+        raw = apply_mapping(apply_mapping(copy.deepcopy(base_train), grid.base), overrides)
+        if cache:
+            raw["cache"] = cache
+        raw["output_dir"] = str(out / "runs" / name)
+        try:
+            configs[name] = from_dict(TrainConfig, raw, prefix="train.")
+        except ConfigError as exc:
+            problems.append(f"variant {name}: {exc}")
+    for name, cfg in configs.items():
+        problems += [f"variant {name}: {p}" for p in preflight(cfg)]
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return configs
+
+
+def state(cfg: TrainConfig) -> str:
+    """done (a summary with this config), resume (a checkpoint of this config), or fresh (a run
+    of another config is replaced, never mixed)."""
+    run = Path(cfg.output_dir)
+    summary = run / SUMMARY_FILE
+    if summary.is_file():
+        return "done" if json.loads(summary.read_text()).get("config") == to_dict(cfg) else "fresh"
+    config = run / "config.yaml"
+    if (run / "checkpoints" / "latest").is_file() and config.is_file():
+        return "resume" if yaml.safe_load(config.read_text()) == to_dict(cfg) else "fresh"
+    return "fresh"
+
+
+def run_sweep(grid: Grid, configs: dict[str, TrainConfig], out: Path, parallel: int) -> dict[str, str]:
+    """Run every unfinished variant; returns each variant's outcome (done, skipped, failed: ...)."""
+    (out / "configs").mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(exist_ok=True)
+    outcome: dict[str, str] = {}
+    queue = []
+    for name, cfg in configs.items():
+        s = state(cfg)
+        if s == "done":
+            outcome[name] = "skipped (finished earlier)"
+        else:
+            queue.append((name, s))
+    log.info(
+        "ablate %s: %d variant(s), %d finished earlier, %d to run%s",
+        grid.name,
+        len(configs),
+        len(configs) - len(queue),
+        len(queue),
+        f", {parallel} at once" if parallel > 1 else "",
+    )
+    gpus = _visible_gpus()
+    running: dict[str, tuple[subprocess.Popen, int | None, float]] = {}
+    bar = tqdm(total=len(configs), initial=len(configs) - len(queue), unit="run", desc=f"ablate {grid.name}")
+    try:
+        while queue or running:
+            while queue and len(running) < parallel:
+                name, s = queue.pop(0)
+                slot = next((g for g in gpus if g not in {r[1] for r in running.values()}), None)
+                running[name] = (_launch(name, configs[name], s, out, slot), slot, time.perf_counter())
+                bar.write(f"[{name}] {'resuming' if s == 'resume' else 'starting'} (log: {out / 'logs' / name}.log)")
+            time.sleep(0.5)
+            for name, (proc, _, t0) in list(running.items()):
+                bar.set_postfix_str(f"{name} {_progress(configs[name])}", refresh=False)
+                if proc.poll() is None:
+                    continue
+                del running[name]
+                bar.update(1)
+                if proc.returncode == 0:
+                    outcome[name] = f"done in {time.perf_counter() - t0:.0f}s"
+                else:
+                    outcome[name] = f"failed (exit {proc.returncode}): {_last_error(out / 'logs' / f'{name}.log')}"
+                bar.write(f"[{name}] {outcome[name]}")
+    finally:
+        for proc, _, _ in running.values():  # interrupted: the children stop too; a rerun resumes them
+            proc.terminate()
+        bar.close()
+    return outcome
+
+
+def _launch(name: str, cfg: TrainConfig, s: str, out: Path, gpu: int | None) -> subprocess.Popen:
+    config = out / "configs" / f"{name}.yaml"
+    config.write_text(yaml.safe_dump({"train": to_dict(cfg)}, sort_keys=False))
+    cmd = [sys.executable, "-m", "pipeline", "train-student", "--config", str(config)]
+    cmd.append("--resume" if s == "resume" else "--overwrite")
+    env = dict(os.environ)
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # each variant is its own one-process job
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    with (out / "logs" / f"{name}.log").open("a") as logfile:  # the child keeps its own handle
+        return subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, env=env)
+
+
+def _visible_gpus() -> list[int]:
+    import torch
+
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+
+
+def _progress(cfg: TrainConfig) -> str:
+    run = Path(cfg.output_dir)
+    try:
+        total = json.loads((run / "run.json").read_text())["total_steps"]
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return f"step {json.loads(lines[-1])['step']}/{total}" if lines else f"step 0/{total}"
+    except (OSError, ValueError, KeyError, IndexError):
+        return "starting"
+
+
+def _last_error(logfile: Path) -> str:
+    lines = [line for line in logfile.read_text(errors="replace").splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:") or "Error" in line]
+    return (errors or lines or ["no output"])[-1][:300] + f" (see {logfile})"
+
+
+def default_parallel() -> int:
+    return max(1, len(_visible_gpus()))
+
+
+def check_outcome(outcome: dict[str, str]) -> None:
+    failed = {n: o for n, o in outcome.items() if o.startswith("failed")}
+    if failed:
+        raise DistilcacheError(
+            f"{len(failed)} variant(s) failed: "
+            + "; ".join(f"{n}: {o}" for n, o in failed.items())
+            + "; fix the cause and rerun the same command (finished variants are kept)"
+        )
