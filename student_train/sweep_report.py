@@ -25,7 +25,7 @@ LABELS = {
     "masked_accuracy": "masked acc",
     "perplexity": "perplexity",
     "teacher_top1_agreement": "top-1 agree",
-    "kl_teacher_student": "KL(t||s)",
+    "kl_teacher_student": "KL(t‖s)",  # no ASCII pipes: they would split a Markdown table cell
     "hidden_cosine": "hidden cos",
 }
 

@@ -108,6 +108,10 @@ def test_sweep_killed_then_rerun_finishes_the_rest_without_the_teacher(setup, tm
     assert no_ce["config"]["loss"]["alpha_ce"] == 0.0 and no_ce["final"]["kd"] == 0.0
     md = (out / "results.md").read_text()
     assert "| no-ce |" in md and "directions agree" in md and "teacher online" in md
+    lines = md.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| variant"))
+    table = lines[start : start + 2 + len(GRID["variants"]) + 1]  # header, rule, variants, teacher
+    assert all(line.count("|") == table[0].count("|") for line in table), "a cell broke the table"
     png = (out / "results.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
