@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 from pathlib import Path
@@ -137,6 +138,7 @@ def main() -> None:
     print(json.dumps(summary))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))
+    shutil.rmtree(work, ignore_errors=True)  # caches and checkpoints: GBs at BERT-base shape
 
 
 if __name__ == "__main__":

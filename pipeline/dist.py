@@ -11,6 +11,8 @@ from typing import TypeVar
 import torch.distributed as torch_dist
 
 T = TypeVar("T")
+LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+"""What torchrun / the deepspeed launcher set: a child started as its own job must not inherit them."""
 
 
 @dataclass(frozen=True)

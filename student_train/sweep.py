@@ -24,6 +24,7 @@ import yaml
 from tqdm import tqdm
 
 from pipeline.config import apply_mapping, from_dict, to_dict
+from pipeline.dist import LAUNCHER_VARS
 from pipeline.errors import ConfigError, DistilcacheError
 from student_train.checks import preflight
 from student_train.config import TrainConfig
@@ -165,7 +166,7 @@ def _launch(name: str, cfg: TrainConfig, s: str, out: Path, gpu: int | None) -> 
     cmd = [sys.executable, "-m", "pipeline", "train-student", "--config", str(config)]
     cmd.append("--resume" if s == "resume" else "--overwrite")
     env = dict(os.environ)
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+    for key in LAUNCHER_VARS:
         env.pop(key, None)  # each variant is its own one-process job
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)

@@ -12,7 +12,7 @@ from student_train.config import TrainConfig
 from student_train.evaluate import METRICS
 from student_train.sweep import Grid
 from student_train.trainer import SUMMARY_FILE
-from teacher_cache.store import CacheReader
+from teacher_cache.store import CacheReader, flatten
 
 HIGHER_IS_BETTER = {
     "masked_accuracy": True,
@@ -43,7 +43,7 @@ def collect(grid: Grid, configs: dict[str, TrainConfig]) -> list[dict]:
         rows.append(
             {
                 "variant": name,
-                "changes": ", ".join(f"{k}={v}" for k, v in _flat(grid.variants[name]).items()) or "(base)",
+                "changes": ", ".join(f"{k}={v}" for k, v in flatten(grid.variants[name]).items()) or "(base)",
                 "steps": summary["steps"],
                 "tokens": sum(r["tokens"] for r in steps),
                 "student_seconds": round(sum(r["step_time_s"] for r in steps), 1),
@@ -205,16 +205,6 @@ def _write_csv(rows: list[dict], path: Path) -> None:
 
 def _plain(r: dict) -> dict:
     return {k: v for k, v in r.items() if k not in ("curve", "teacher")}
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _fmt(x: float | None) -> str:

@@ -4,6 +4,7 @@ WordPiece tokenizer trained on it, and 2-layer BERT masked LMs (hidden 32). No n
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +60,21 @@ def _train_tokenizer(texts: list[str]):
         sep_token="[SEP]",
         mask_token="[MASK]",
     )
+
+
+def torchrun_cmd(nproc: int, *pipeline_args: str) -> list[str]:
+    """`torchrun --standalone --nproc-per-node N -m pipeline ...` with this interpreter."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        "-m",
+        "pipeline",
+        *pipeline_args,
+    ]
 
 
 def tiny_bert_config(vocab_size: int, **overrides):

@@ -11,9 +11,10 @@ import time
 import pytest
 import yaml
 
+from pipeline.dist import LAUNCHER_VARS
 from pipeline.errors import ConfigError
 from student_train import sweep
-from tests.test_train import LAUNCHER_VARS, ROOT
+from tests.test_train import ROOT
 
 pytestmark = pytest.mark.integration
 

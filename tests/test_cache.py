@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForMaskedLM
 
-from pipeline.config import from_dict
+from pipeline.config import apply_mapping, from_dict
 from teacher_cache.config import CacheConfig
 from teacher_cache.corpus import prepare_corpus
 from teacher_cache.encode import decode_hidden, decode_values
@@ -31,14 +31,7 @@ def build(raw: dict, overwrite: bool = False) -> CacheReader:
 
 def with_(raw: dict, **changes) -> dict:
     """Copy of a config dict with dotted-key changes, e.g. with_(raw, **{"outputs.k": 8})."""
-    out = copy.deepcopy(raw)
-    for key, value in changes.items():
-        node = out
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
+    return apply_mapping(copy.deepcopy(raw), changes)
 
 
 def shard_hashes(reader: CacheReader) -> dict:

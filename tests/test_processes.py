@@ -16,6 +16,7 @@ from teacher_cache.config import CacheConfig
 from teacher_cache.run import run_cache
 from teacher_cache.store import CacheReader
 from teacher_cache.verify import verify_cache
+from tests.conftest import torchrun_cmd
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,19 +87,7 @@ def test_two_processes_equal_one_process(cache_cfg, tmp_path):
     single = dict(cache_cfg, store=dict(cache_cfg["store"], output=str(tmp_path / "single")))
     run_cache(from_dict(CacheConfig, copy.deepcopy(single)))
     config = write_config(cache_cfg, tmp_path / "c.yaml")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "pipeline",
-        "cache-teacher",
-        "--config",
-        str(config),
-    ]
+    cmd = torchrun_cmd(2, "cache-teacher", "--config", str(config))
     result = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     out = Path(cache_cfg["store"]["output"])

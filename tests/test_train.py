@@ -12,14 +12,15 @@ import pytest
 import torch
 import yaml
 
-from pipeline.config import from_dict
+from pipeline.config import apply_mapping, from_dict
+from pipeline.dist import LAUNCHER_VARS
 from pipeline.errors import ConfigError, DistilcacheError
 from student_train.config import TrainConfig
 from student_train.trainer import Trainer, run_train
+from tests.conftest import torchrun_cmd
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
-LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @pytest.fixture(autouse=True)
@@ -40,13 +41,7 @@ def raw_cfg(cache: Path, out: Path, **changes) -> dict:
         "student": {"layers": 1, "dropout": 0.0},
         "data": {"micro_batch_size": 4, "mix_blocks": 2, "num_workers": 0, "streams": 2},
     }
-    for key, value in changes.items():
-        node = raw
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return raw
+    return apply_mapping(raw, changes)
 
 
 def losses_of(run_dir: Path) -> list[float]:
@@ -126,20 +121,7 @@ def env() -> dict:
 
 
 def torchrun(config: Path, nproc: int, *extra: str, **kw) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        str(nproc),
-        "-m",
-        "pipeline",
-        "train-student",
-        "--config",
-        str(config),
-        *extra,
-    ]
+    cmd = torchrun_cmd(nproc, "train-student", "--config", str(config), *extra)
     return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600, **kw)
 
 
