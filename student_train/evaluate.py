@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from student_train.losses import IGNORE_INDEX, cosine_loss, kd_full
-from teacher_cache.encode import decode_hidden
+from teacher_cache.encode import decode_hidden, teacher_top1
 from teacher_cache.head import HEAD_FILE, load_head
 from teacher_cache.store import TEACHER_DIR, CacheReader
 
@@ -31,19 +31,14 @@ def load_rows(reader: CacheReader, split: str, n: int) -> dict[str, torch.Tensor
     if split not in reader.splits:
         raise ValueError(f"split {split!r} is not in the cache (splits: {', '.join(reader.splits)})")
     n = min(n, reader.layouts[split].rows)
-    d = reader.read_rows(
-        split,
-        0,
-        n,
-        ["input_ids", "labels", "lengths", "topk_indices", "hidden", "hidden_scale"]
-        if "hidden_scale" in reader.fields
-        else ["input_ids", "labels", "lengths", "topk_indices", "hidden"],
-    )
+    top1 = ["topk_indices"] if "topk_indices" in reader.fields else ["sample_ids", "sample_counts"]
+    scale = ["hidden_scale"] if "hidden_scale" in reader.fields else []
+    d = reader.read_rows(split, 0, n, ["input_ids", "labels", "lengths", *top1, "hidden", *scale])
     return {
         "input_ids": torch.from_numpy(d["input_ids"].astype(np.int64)),
         "labels": torch.from_numpy(d["labels"].astype(np.int64)),
         "lengths": torch.from_numpy(d["lengths"].astype(np.int64)),
-        "teacher_top1": torch.from_numpy(d["topk_indices"][..., 0].astype(np.int64)),
+        "teacher_top1": teacher_top1(d),
         "hidden": decode_hidden(d["hidden"], d.get("hidden_scale"), reader.identity["outputs"]["hidden_dtype"]),
     }
 

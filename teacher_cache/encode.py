@@ -32,6 +32,16 @@ def decode_values(a: np.ndarray, dtype: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a)).float()
 
 
+def teacher_top1(data: dict[str, np.ndarray]) -> torch.Tensor:
+    """The teacher's top-1 id per position (int64): the first top-k id, or in a sampled-only
+    cache the most drawn id. `data` holds `topk_indices` or `sample_ids` + `sample_counts`."""
+    if "topk_indices" in data:
+        return torch.from_numpy(data["topk_indices"][..., 0].astype(np.int64))
+    counts = torch.from_numpy(data["sample_counts"].astype(np.int64))
+    ids = torch.from_numpy(data["sample_ids"].astype(np.int64))
+    return ids.gather(-1, counts.argmax(-1, keepdim=True))[..., 0]
+
+
 def quantize_int8(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token absmax int8: (..., H) -> (int8 codes (..., H), float16 scale (...)).
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from pipeline.log import human_bytes, human_time
-from teacher_cache.encode import decode_hidden, decode_values
+from teacher_cache.encode import decode_hidden, decode_values, teacher_top1
 from teacher_cache.head import HEAD_FILE, load_head
 from teacher_cache.masking import IGNORE_INDEX
 from teacher_cache.store import TEACHER_DIR, CacheReader, CacheStore
@@ -114,11 +113,7 @@ def teacher_stats(reader: CacheReader, split: str = "train", sample_rows: int = 
     head = load_head(reader.path / TEACHER_DIR) if (reader.path / TEACHER_DIR / HEAD_FILE).is_file() else None
     hidden = decode_hidden(data["hidden"], data.get("hidden_scale"), reader.identity["outputs"]["hidden_dtype"])
     out: dict = {"rows": int(labels.shape[0]), "temperatures": {}}
-    if "topk_indices" in data:
-        top1 = torch.from_numpy(data["topk_indices"].astype(np.int64))[..., 0]
-    else:  # sampled only: the most drawn id
-        counts = torch.from_numpy(data["sample_counts"].astype(np.int64))
-        top1 = torch.from_numpy(data["sample_ids"].astype(np.int64)).gather(-1, counts.argmax(-1, keepdim=True))[..., 0]
+    top1 = teacher_top1(data)
     out["masked_accuracy"] = float((top1[masked] == labels[masked]).float().mean()) if masked.any() else math.nan
     for j, t in enumerate(temps):
         entry = {"topk_mass_all": math.nan, "topk_mass_masked": math.nan}

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForMaskedLM
 
 from pipeline.config import apply_mapping, from_dict
+from student_train.evaluate import load_rows
 from teacher_cache.config import CacheConfig
 from teacher_cache.corpus import prepare_corpus
 from teacher_cache.encode import decode_hidden, decode_values
@@ -100,6 +101,13 @@ def test_cache_equals_direct_teacher_recomputation(assets, cache_cfg, changes):
             assert (values[~cached_at] == 0).all()
         if "sample_ids" in data:
             check_samples(data, reader, split, logits, cached_at)
+        # evaluation reads the teacher's top-1 from whichever logits the cache holds
+        top1 = load_rows(reader, split, 4)["teacher_top1"]
+        if "topk_indices" in data:
+            expected = data["topk_indices"][:4, :, 0]
+        else:
+            expected = np.take_along_axis(data["sample_ids"][:4], data["sample_counts"][:4].argmax(-1)[..., None], -1)
+        np.testing.assert_array_equal(top1.numpy(), expected[..., 0] if expected.ndim == 3 else expected)
         lse = torch.from_numpy(data["logsumexp"]).double()
         ref_lse = torch.stack([torch.logsumexp(logits / t, -1) for t in temps], -1)
         torch.testing.assert_close(lse[cached_at], ref_lse[cached_at], rtol=1e-5, atol=1e-5)
