@@ -184,7 +184,9 @@ def _progress(cfg: TrainConfig) -> str:
     run = Path(cfg.output_dir)
     try:
         total = json.loads((run / "run.json").read_text())["total_steps"]
-        lines = (run / "metrics.jsonl").read_text().splitlines()
+        with (run / "metrics.jsonl").open("rb") as fh:  # polled twice a second: read the tail only
+            fh.seek(max(0, fh.seek(0, os.SEEK_END) - 4096))
+            lines = fh.read().decode(errors="replace").splitlines()
         return f"step {json.loads(lines[-1])['step']}/{total}" if lines else f"step 0/{total}"
     except (OSError, ValueError, KeyError, IndexError):
         return "starting"

@@ -29,7 +29,7 @@ def sample_counts(logits: torch.Tensor, u: torch.Tensor, temperature: float) -> 
     Does not modify `logits`.
     """
     z = logits.float() / temperature
-    cdf = (z - z.max(-1, keepdim=True).values).exp_().cumsum_(-1)  # unnormalised
+    cdf = z.sub_(z.max(-1, keepdim=True).values).exp_().cumsum_(-1)  # in place on the fresh z; unnormalised
     target = u.to(cdf.device, cdf.dtype) * cdf[:, -1:]
     drawn = torch.searchsorted(cdf, target).clamp_(max=logits.shape[-1] - 1)
     drawn, _ = drawn.sort(-1)
