@@ -1,12 +1,15 @@
-"""train-student step time reading the cache vs running the teacher online, one process, one run.
+"""train-student step time per KD mode reading the cache vs running the teacher online, one run.
 
-    python benchmarks/bench_train.py [--shapes minilm,bert-base] [--steps 4] [--grad-accum 4] [--json OUT]
+    python benchmarks/bench_train.py [--shapes minilm,bert-base] [--modes exact,topk_tail,sampled,online]
+                                     [--steps 4] [--grad-accum 4] [--json OUT]
 
-For each shape a cache is built first, then the same student trains on the same micro-batches
-twice: reading the cache (KD mode topk_tail) and with `--online-teacher` (the teacher's forward
-on the cached input ids every step, full-vocabulary KD). Reported per shape: median step time
-of each mode after `--warmup` steps, the speedup (online / cached), and the fraction of the
-cached step time spent waiting for data. An optimizer step is `--grad-accum` micro-batches of
+For each shape one cache is built (top-64 + log-sum-exp, 64 samples at T = 2 and int8 hidden
+states, so every KD mode reads the same cache), then the same student trains on the same
+micro-batches once per mode: reading the cache with each KD mode, and with `--online-teacher`
+(the teacher's forward on the cached input ids every step, full-vocabulary KD). Reported per
+shape: median step time of each mode after `--warmup` steps, tokens/s, the speedup of each
+cached mode over online, `exact`'s throughput relative to `topk_tail`, and the fraction of the
+step spent waiting for data. An optimizer step is `--grad-accum` micro-batches of
 `--micro-batch` sequences (default 4 x 8 x 128 = 4,096 tokens), as distillation accumulates to
 large batches. Shapes:
 - minilm: the shared teacher ../shared/teachers/minilm-l6-mlm (6 x 384) -> 3-layer student;
@@ -56,12 +59,14 @@ def build_cache(teacher: Path, work: Path, sequences: int, seq_len: int) -> Path
         "max_sequences": sequences,
         "corpus": {"paths": [str(SHARED / "data/wikitext2-valid.txt")], "max_seq_len": seq_len},
         "teacher": {"name": str(teacher), "batch_size": 16},
+        "outputs": {"logits": "both", "n_samples": 64, "sample_temperature": 2.0, "hidden_dtype": "int8"},
         "store": {"cache_dir": str(work / "home"), "output": str(work / f"cache-{teacher.name}")},
     }
     return run_cache(from_dict(CacheConfig, raw))
 
 
-def time_training(cache: Path, out: Path, layers: int, steps: int, micro: int, accum: int, online: bool) -> list[dict]:
+def time_training(cache: Path, out: Path, layers: int, steps: int, micro: int, accum: int, mode: str) -> list[dict]:
+    online = mode == "online"
     raw = {
         "cache": str(cache),
         "output_dir": str(out),
@@ -71,6 +76,7 @@ def time_training(cache: Path, out: Path, layers: int, steps: int, micro: int, a
         "deepspeed_config": str(ROOT / "configs/deepspeed/zero2.json"),
         "student": {"layers": layers},
         "data": {"micro_batch_size": micro, "grad_accum_steps": accum, "num_workers": 2},
+        "loss": {"kd_mode": "exact" if online else mode},
     }
     run_train(from_dict(TrainConfig, raw), online_teacher=online)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
@@ -79,6 +85,7 @@ def time_training(cache: Path, out: Path, layers: int, steps: int, micro: int, a
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="minilm,bert-base")
+    p.add_argument("--modes", default="exact,topk_tail,sampled,online", help="KD modes, and online")
     p.add_argument("--steps", type=int, default=4, help="measured optimizer steps per mode")
     p.add_argument("--warmup", type=int, default=1, help="steps left out of the medians")
     p.add_argument("--micro-batch", type=int, default=8)
@@ -92,6 +99,7 @@ def main() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     shapes = {"minilm": (SHARED / "teachers/minilm-l6-mlm", 3), "bert-base": (None, 6)}
+    modes = args.modes.split(",")
     total = args.steps + args.warmup
     results = {}
     for name in args.shapes.split(","):
@@ -100,26 +108,30 @@ def main() -> None:
         cache = build_cache(
             teacher, work, sequences=max(96, total * args.micro_batch * args.grad_accum + 32), seq_len=args.seq_len
         )
-        modes = {}
-        for mode, online in (("cached", False), ("online", True)):
+        timed = {}
+        for mode in modes:
             records = time_training(
-                cache, work / f"{name}-{mode}", layers, total, args.micro_batch, args.grad_accum, online
+                cache, work / f"{name}-{mode}", layers, total, args.micro_batch, args.grad_accum, mode
             )
             measured = records[args.warmup :]
-            modes[mode] = {
+            step_time = sum(r["step_time_s"] for r in measured)
+            timed[mode] = {
                 "step_s": statistics.median(r["step_time_s"] for r in measured),
-                "data_wait_fraction": sum(r["data_wait_s"] for r in measured) / sum(r["step_time_s"] for r in measured),
-                "tok_s": sum(r["tokens"] for r in measured) / sum(r["step_time_s"] for r in measured),
+                "data_wait_fraction": sum(r["data_wait_s"] for r in measured) / step_time,
+                "tok_s": sum(r["tokens"] for r in measured) / step_time,
             }
+        online = timed.get("online")
+        for r in timed.values():
+            r["speedup_over_online"] = online["step_s"] / r["step_s"] if online else None
+        ratio = timed["exact"]["tok_s"] / timed["topk_tail"]["tok_s"] if {"exact", "topk_tail"} <= set(timed) else None
         results[name] = {
-            **modes,
-            "speedup": modes["online"]["step_s"] / modes["cached"]["step_s"],
+            "modes": timed,
+            "exact_over_topk_tail": ratio,
             "student_layers": layers,
             "teacher": str(teacher),
         }
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     summary = {
-        "device": device,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
         "micro_batch": args.micro_batch,
@@ -129,12 +141,16 @@ def main() -> None:
         "warmup": args.warmup,
         "shapes": results,
     }
-    print(f"\n{'shape':<12}{'cached s/step':>15}{'online s/step':>15}{'speedup':>10}{'data wait (cached)':>20}")
+    print(f"\n{'shape':<11}{'mode':<12}{'s/step':>9}{'tok/s':>9}{'vs online':>11}{'data wait':>11}")
     for name, r in results.items():
-        print(
-            f"{name:<12}{r['cached']['step_s']:>15.3f}{r['online']['step_s']:>15.3f}{r['speedup']:>9.2f}x"
-            f"{100 * r['cached']['data_wait_fraction']:>19.2f}%"
-        )
+        for mode, t in r["modes"].items():
+            speedup = f"{t['speedup_over_online']:.2f}x" if t["speedup_over_online"] else "-"
+            print(
+                f"{name:<11}{mode:<12}{t['step_s']:>9.3f}{t['tok_s']:>9.0f}{speedup:>11}"
+                f"{100 * t['data_wait_fraction']:>10.2f}%"
+            )
+        if r["exact_over_topk_tail"]:
+            print(f"{name:<11}exact / topk_tail throughput: {r['exact_over_topk_tail']:.3f}")
     print(json.dumps(summary))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))

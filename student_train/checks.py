@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
+import torch
+
 from student_train.config import TrainConfig
 from student_train.model import hidden_size, student_config
+from teacher_cache.encode import decode_values
+from teacher_cache.masking import IGNORE_INDEX
+from teacher_cache.report import kd_advice, topk_mass
 from teacher_cache.store import FORMAT_VERSION, TEACHER_DIR, CacheError, CacheReader
 from teacher_cache.teacher import tokenizer_sha256
 
@@ -42,18 +48,20 @@ def check_cache(
             )
         outputs = m["identity"]["outputs"]
         logits = outputs.get("logits", "topk")
-        if loss.kd_mode in ("topk_tail", "topk_renorm") and logits == "sampled":
+        if loss.kd_mode in ("topk_tail", "topk_renorm") and logits in ("sampled", "none"):
+            held = "sampled ones only" if logits == "sampled" else "none (outputs.logits=none: hidden states only)"
             problems.append(
-                f"loss.kd_mode={loss.kd_mode} needs cached top-k logits, the cache holds sampled ones only; "
-                "use loss.kd_mode=sampled or recache with outputs.logits=both"
+                f"loss.kd_mode={loss.kd_mode} needs cached top-k logits, the cache holds {held}; use "
+                f"loss.kd_mode={'sampled' if logits == 'sampled' else 'exact'} or recache with outputs.logits=both"
             )
         if loss.kd_mode in ("topk_tail", "topk_renorm") and loss.topk is not None and loss.topk > outputs["k"]:
             problems.append(f"loss.topk={loss.topk} exceeds the cached k={outputs['k']}; use at most {outputs['k']}")
         if loss.kd_mode == "sampled":
-            if logits == "topk":
+            if logits in ("topk", "none"):
                 problems.append(
-                    "loss.kd_mode=sampled needs sampled teacher logits, the cache holds top-k only; "
-                    "recache with outputs.logits=sampled or both"
+                    f"loss.kd_mode=sampled needs sampled teacher logits, the cache holds "
+                    f"{'top-k only' if logits == 'topk' else 'none (hidden states only)'}; use loss.kd_mode=exact "
+                    "or recache with outputs.logits=sampled or both"
                 )
             elif float(loss.temperature) != float(outputs["sample_temperature"]):
                 problems.append(
@@ -90,3 +98,31 @@ def preflight(cfg: TrainConfig, online: bool = False) -> list[str]:
     teacher_dir = reader.path / TEACHER_DIR
     config = student_config(cfg.student, AutoConfig.from_pretrained(teacher_dir))
     return check_cache(reader, cfg, config, tokenizer_sha256(AutoTokenizer.from_pretrained(teacher_dir)), online)
+
+
+def kd_mode_advice(reader: CacheReader, cfg: TrainConfig, rows: int = 64) -> str | None:
+    """For a top-k KD mode: how much of the teacher's mass the cached top-k hold at the KD
+    temperature (first `rows` rows of the split), and the faithful mode to use instead."""
+    loss, outputs = cfg.loss, reader.identity["outputs"]
+    if loss.alpha_ce == 0 or loss.kd_mode not in ("topk_tail", "topk_renorm"):
+        return None
+    temps = [float(t) for t in outputs["temperatures"]]
+    n = min(rows, reader.layouts[cfg.data.split].rows)
+    d = reader.read_rows(cfg.data.split, 0, n, ["labels", "lengths", "topk_values", "logsumexp"])
+    k = loss.topk or outputs["k"]
+    values = decode_values(np.ascontiguousarray(d["topk_values"][..., :k]), outputs["logits_dtype"])
+    mass = topk_mass(
+        values, torch.from_numpy(d["logsumexp"][..., temps.index(float(loss.temperature))]), loss.temperature
+    )
+    labels = torch.from_numpy(d["labels"])
+    valid = torch.arange(labels.shape[1])[None, :] < torch.from_numpy(d["lengths"])[:, None]
+    masked = labels != IGNORE_INDEX
+    cached = valid if outputs["logit_positions"] == "all" else masked
+    advice = kd_advice(
+        {**outputs, "k": k},
+        bool(reader.manifest["head"]),
+        float(loss.temperature),
+        float(mass[masked].mean()),
+        float(mass[cached].mean()),
+    )
+    return f"loss.kd_mode={loss.kd_mode}: {advice}"

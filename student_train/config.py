@@ -43,11 +43,12 @@ class StudentConfig:
 class LossConfig:
     """The triple loss: alpha_ce * KD + alpha_mlm * MLM + alpha_cos * cosine."""
 
-    kd_mode: Literal["topk_tail", "topk_renorm", "exact", "sampled"] = "topk_tail"
-    """`topk_tail`: exact KL over the k cached tokens plus one tail bucket; `topk_renorm`: teacher
-    renormalised over its top-k (for comparison); `exact`: full-vocabulary teacher logits rebuilt from
-    cached hidden states through the cached MLM head (any temperature); `sampled`: RS-KD's unbiased
-    estimator from the cached teacher samples (a cache built with outputs.logits: sampled or both)."""
+    kd_mode: Literal["exact", "sampled", "topk_tail", "topk_renorm"] = "exact"
+    """`exact`: full-vocabulary teacher logits rebuilt from cached hidden states through the cached MLM
+    head (any temperature; trains the online student, README "Fidelity"); `sampled`: RS-KD's unbiased
+    estimator from the cached teacher samples (outputs.logits: sampled or both); `topk_tail`: exact KL
+    over the k cached tokens plus one tail bucket; `topk_renorm`: teacher renormalised over its top-k.
+    The top-k modes are biased where the top-k hold little mass at T (measured in the README)."""
     temperature: float = 2.0
     """KD temperature (topk modes need it among the cache's temperatures; `sampled` needs the
     cache's outputs.sample_temperature)."""
@@ -64,6 +65,10 @@ class LossConfig:
     """Weight of the cosine loss between student and teacher last hidden states (non-pad tokens)."""
     exact_chunk_tokens: int = 1024
     """Tokens per chunk when `exact` rebuilds teacher logits (bounds memory)."""
+    exact_head_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Dtype of the teacher-head GEMM in `exact` mode: auto = bfloat16 where the hardware multiplies it
+    natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else float32. bf16 moves the teacher's
+    distribution by a KL of ~1e-5 nats (README, "Fidelity")."""
 
     def check(self) -> list[str]:
         problems = []

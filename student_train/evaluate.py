@@ -1,9 +1,13 @@
 """Held-out metrics of a student against the cache, beside the teacher's own (`pipeline evaluate`).
 
-Student: masked-token accuracy and perplexity against the original tokens, top-1 agreement with
-the teacher (positions with cached logits), KL(teacher || student) at T = 1 over every non-pad
-token with exact teacher logits rebuilt from the cached hidden states and head, and the mean
-cosine between last hidden states. Teacher: the same accuracy and perplexity, from the cache.
+Headline figures are at the masked positions, the prediction targets: masked-token accuracy
+and perplexity against the original tokens, top-1 agreement with the teacher and
+KL(teacher || student) at T = 1 with exact teacher logits rebuilt from the cached hidden states
+through the cached head. Agreement and KL over every non-pad position are reported apart
+(`*_all`): at unmasked positions both models mostly copy the input, which inflates agreement.
+The hidden-state cosine is over every non-pad position (what L_cos trains). The teacher's
+top-1 comes from the rebuilt logits when the head is cached, else from the cached top-k or
+samples.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from teacher_cache.store import TEACHER_DIR, CacheReader
 
 Forward = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 METRICS = ("masked_accuracy", "perplexity", "teacher_top1_agreement", "kl_teacher_student", "hidden_cosine")
+"""Headline metrics: accuracy, perplexity, agreement and KL at masked positions; cosine at non-pad ones."""
+ALL_POSITION_METRICS = ("teacher_top1_agreement_all", "kl_teacher_student_all")
+"""Agreement and KL over every non-pad position (unmasked ones included), reported apart."""
 
 
 def load_rows(reader: CacheReader, split: str, n: int) -> dict[str, torch.Tensor]:
@@ -31,16 +38,18 @@ def load_rows(reader: CacheReader, split: str, n: int) -> dict[str, torch.Tensor
     if split not in reader.splits:
         raise ValueError(f"split {split!r} is not in the cache (splits: {', '.join(reader.splits)})")
     n = min(n, reader.layouts[split].rows)
-    top1 = ["topk_indices"] if "topk_indices" in reader.fields else ["sample_ids", "sample_counts"]
+    top1 = [f for f in ("topk_indices", "sample_ids", "sample_counts") if f in reader.fields][:2]
     scale = ["hidden_scale"] if "hidden_scale" in reader.fields else []
     d = reader.read_rows(split, 0, n, ["input_ids", "labels", "lengths", *top1, "hidden", *scale])
-    return {
+    rows = {
         "input_ids": torch.from_numpy(d["input_ids"].astype(np.int64)),
         "labels": torch.from_numpy(d["labels"].astype(np.int64)),
         "lengths": torch.from_numpy(d["lengths"].astype(np.int64)),
-        "teacher_top1": teacher_top1(d),
         "hidden": decode_hidden(d["hidden"], d.get("hidden_scale"), reader.identity["outputs"]["hidden_dtype"]),
     }
+    if top1:
+        rows["teacher_top1"] = teacher_top1(d)
+    return rows
 
 
 def cache_head(reader: CacheReader, device: torch.device) -> torch.nn.Module | None:
@@ -57,8 +66,10 @@ def evaluate(
     device: torch.device,
 ) -> dict[str, dict[str, float]]:
     """{"student": metrics, "teacher": metrics} over the given rows."""
-    sums = dict.fromkeys(("ce", "hit", "agree", "kl", "cos", "t_ce", "t_hit"), 0.0)
-    counts = dict.fromkeys(("masked", "cached", "valid"), 0)
+    if head is None and "teacher_top1" not in rows:
+        raise ValueError("the cache holds neither the teacher's head nor cached logits: nothing to compare with")
+    sums = dict.fromkeys(("ce", "hit", "agree", "agree_all", "kl", "kl_all", "cos", "t_ce", "t_hit"), 0.0)
+    counts = dict.fromkeys(("masked", "top1_all", "valid"), 0)
     cos_available = True
     for a in range(0, len(rows["input_ids"]), batch_size):
         b = {k: v[a : a + batch_size].to(device) for k, v in rows.items()}
@@ -66,46 +77,64 @@ def evaluate(
         logits, hidden = forward(b["input_ids"], valid.long())
         logits = logits.float()
         masked = b["labels"] != IGNORE_INDEX
-        cached = valid if logits_at == "all" else masked
         target = b["labels"][masked]
-        sums["ce"] += float(F.cross_entropy(logits[masked], target, reduction="sum"))
-        sums["hit"] += float((logits[masked].argmax(-1) == target).sum())
-        sums["agree"] += float((logits[cached].argmax(-1) == b["teacher_top1"][cached]).sum())
-        sums["t_hit"] += float((b["teacher_top1"][masked] == target).sum())
-        if head is not None:
+        if head is not None:  # exact teacher logits at every non-pad position
             teacher_logits = head(b["hidden"][valid].float())
-            sums["kl"] += float(kd_full(logits[valid], teacher_logits, 1.0).sum())
-            sums["t_ce"] += float(F.cross_entropy(head(b["hidden"][masked].float()), target, reduction="sum"))
+            at_masked = masked[valid]
+            kl = kd_full(logits[valid], teacher_logits, 1.0)
+            sums["kl_all"] += float(kl.sum())
+            sums["kl"] += float(kl[at_masked].sum())
+            sums["t_ce"] += float(F.cross_entropy(teacher_logits[at_masked], target, reduction="sum"))
+            top1 = torch.full_like(b["input_ids"], -1)
+            top1[valid] = teacher_logits.argmax(-1)
+            known = valid
+        else:  # the cached top-1, where logits are cached
+            top1 = b["teacher_top1"]
+            known = valid if logits_at == "all" else masked
+        student_top1 = logits.argmax(-1)
+        sums["ce"] += float(F.cross_entropy(logits[masked], target, reduction="sum"))
+        sums["hit"] += float((student_top1[masked] == target).sum())
+        sums["agree"] += float((student_top1[masked] == top1[masked]).sum())
+        sums["agree_all"] += float((student_top1[known] == top1[known]).sum())
+        sums["t_hit"] += float((top1[masked] == target).sum())
         if hidden is not None and hidden.shape[-1] == b["hidden"].shape[-1]:
             sums["cos"] += float((1.0 - cosine_loss(hidden[valid], b["hidden"][valid])).sum())
         else:
             cos_available = False
         counts["masked"] += int(masked.sum())
-        counts["cached"] += int(cached.sum())
+        counts["top1_all"] += int(known.sum())
         counts["valid"] += int(valid.sum())
     nan = math.nan
+    n_masked, n_valid = max(counts["masked"], 1), max(counts["valid"], 1)
     student = {
-        "masked_accuracy": sums["hit"] / max(counts["masked"], 1),
-        "perplexity": math.exp(sums["ce"] / max(counts["masked"], 1)),
-        "teacher_top1_agreement": sums["agree"] / max(counts["cached"], 1),
-        "kl_teacher_student": sums["kl"] / max(counts["valid"], 1) if head is not None else nan,
-        "hidden_cosine": sums["cos"] / max(counts["valid"], 1) if cos_available else nan,
+        "masked_accuracy": sums["hit"] / n_masked,
+        "perplexity": math.exp(sums["ce"] / n_masked),
+        "teacher_top1_agreement": sums["agree"] / n_masked,
+        "kl_teacher_student": sums["kl"] / n_masked if head is not None else nan,
+        "hidden_cosine": sums["cos"] / n_valid if cos_available else nan,
+        "teacher_top1_agreement_all": sums["agree_all"] / max(counts["top1_all"], 1),
+        "kl_teacher_student_all": sums["kl_all"] / n_valid if head is not None else nan,
     }
     teacher = {
-        "masked_accuracy": sums["t_hit"] / max(counts["masked"], 1),
-        "perplexity": math.exp(sums["t_ce"] / max(counts["masked"], 1)) if head is not None else nan,
+        "masked_accuracy": sums["t_hit"] / n_masked,
+        "perplexity": math.exp(sums["t_ce"] / n_masked) if head is not None else nan,
         "teacher_top1_agreement": 1.0,
         "kl_teacher_student": 0.0,
         "hidden_cosine": 1.0,
+        "teacher_top1_agreement_all": 1.0,
+        "kl_teacher_student_all": 0.0,
     }
     return {"student": student, "teacher": teacher, "rows": len(rows["input_ids"]), "masked_tokens": counts["masked"]}
 
 
 def table(result: dict[str, dict[str, float]]) -> str:
-    lines = [f"{'metric':<26}{'student':>12}{'teacher':>12}"]
+    lines = [f"{'metric (masked positions)':<30}{'student':>12}{'teacher':>12}"]
     for m in METRICS:
-        s, t = result["student"][m], result["teacher"][m]
-        lines.append(f"{m:<26}{_fmt(s):>12}{_fmt(t):>12}")
+        if m == "hidden_cosine":
+            lines.append(f"{'metric (all non-pad positions)':<30}")
+        lines.append(f"{m:<30}{_fmt(result['student'][m]):>12}{_fmt(result['teacher'][m]):>12}")
+    for m in ALL_POSITION_METRICS:
+        lines.append(f"{m:<30}{_fmt(result['student'][m]):>12}{_fmt(result['teacher'][m]):>12}")
     lines.append(f"({result['rows']} sequences, {result['masked_tokens']} masked tokens)")
     return "\n".join(lines)
 

@@ -41,15 +41,57 @@ def kd_exact(
     head: Callable[[torch.Tensor], torch.Tensor],
     temperature: float,
     chunk_tokens: int = 1024,
+    head_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """(n,) full KL with teacher logits rebuilt as head(hidden), chunk by chunk (any T)."""
-    parts = []
-    for start in range(0, student_logits.shape[0], chunk_tokens):
-        stop = start + chunk_tokens
-        with torch.no_grad():
-            teacher_logits = head(teacher_hidden[start:stop].float())
-        parts.append(kd_full(student_logits[start:stop], teacher_logits, temperature))
-    return torch.cat(parts) if parts else student_logits.new_zeros(0)
+    """(n,) full KL with teacher logits rebuilt as head(hidden) chunk by chunk (any T), fused.
+
+    Each chunk's teacher logits live only inside the forward pass: the (n, V) tensor kept for
+    backward is the gradient direction q - p, written over the student's own softmax pass (no
+    teacher log-probabilities, no autograd copies). `head_dtype` is the dtype the head's GEMM
+    runs in (bfloat16 on GPU: logits to ~3 significant digits, measured in the README).
+    """
+    return _ExactKL.apply(student_logits, teacher_hidden, head, temperature, chunk_tokens, head_dtype)
+
+
+class _ExactKL(torch.autograd.Function):
+    """Per chunk, with t = head(h) / T and s = logits / T each shifted by its row max:
+    KL = sum_v p (t - s) - log Z_t + log Z_s (as sum p = 1). The saved (n, V) buffer holds
+    q - p, written over the student's softmax pass, so backward is one scaling pass:
+    d(KL * T^2)/d logits = T * (q - p)."""
+
+    @staticmethod
+    def forward(ctx, logits, hidden, head, temperature, chunk_tokens, head_dtype):
+        inv_t = 1.0 / temperature
+        diff = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)  # becomes q - p
+        kl = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        for a in range(0, logits.shape[0], chunk_tokens):
+            b = min(a + chunk_tokens, logits.shape[0])
+            with torch.no_grad():
+                t = head(hidden[a:b].to(head_dtype)).float()  # (c, V), fresh (or a fresh upcast)
+            t = _shift_by_row_max_(t.mul_(inv_t))
+            p = t.exp()  # unnormalised teacher probabilities
+            z_t = p.sum(-1)
+            s = _shift_by_row_max_(diff[a:b].copy_(logits[a:b].detach()).mul_(inv_t))
+            cross = torch.bmm(p.unsqueeze(1), t.sub_(s).unsqueeze(2)).view(-1) / z_t  # sum_v p (t - s)
+            del t
+            q = s.exp_()  # the student's softmax, in the buffer
+            z_s = q.sum(-1)
+            kl[a:b] = cross - z_t.log() + z_s.log()
+            q.mul_((1.0 / z_s)[:, None]).addcmul_(p, (-1.0 / z_t)[:, None])  # q - p
+        ctx.save_for_backward(diff)
+        ctx.temperature, ctx.dtype = temperature, logits.dtype
+        return kl * temperature**2
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (diff,) = ctx.saved_tensors
+        grad = diff.mul_((grad_out.float() * ctx.temperature)[:, None])  # diff is not needed any more
+        return grad.to(ctx.dtype), None, None, None, None, None
+
+
+def _shift_by_row_max_(x: torch.Tensor) -> torch.Tensor:
+    """x - max(x) per row, in place: exp cannot overflow and the largest term is exactly 1."""
+    return x.sub_(x.amax(-1, keepdim=True))
 
 
 def teacher_topk_log_probs(
@@ -160,6 +202,19 @@ def kd_sampled(
     counts = counts.float()
     weights = counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
     return -(weights * log_q).sum(-1) * temperature**2
+
+
+def kd_sampled_std(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, n_samples: int
+) -> torch.Tensor:
+    """(n,) standard deviation of `kd_sampled` over independent sets of `n_samples` draws from the
+    teacher at T: the estimate is a mean of n draws of -log q_x * T^2, so it is
+    T^2 * sqrt(Var_{x ~ p}[log q_x] / n). The price of RS-KD's small cache, per position."""
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    p = F.softmax(teacher_logits.float() / temperature, dim=-1)
+    mean = (p * log_q).sum(-1, keepdim=True)
+    var = (p * (log_q - mean).square()).sum(-1)
+    return (var / n_samples).sqrt() * temperature**2
 
 
 def mlm_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

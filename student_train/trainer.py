@@ -10,6 +10,7 @@ cached input ids as the fidelity and speed baseline.
 from __future__ import annotations
 
 import atexit
+import copy
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ from pipeline.config import to_dict
 from pipeline.errors import DistilcacheError
 from pipeline.versions import library_versions
 from student_train import ds_config, losses
-from student_train.checks import check_cache
+from student_train.checks import check_cache, kd_mode_advice
 from student_train.config import TrainConfig
 from student_train.data import CacheBatches, Fields
 from student_train.evaluate import cache_head, evaluate, load_rows, table
@@ -110,6 +111,9 @@ class Trainer:
         problems = check_cache(self.reader, cfg, config, tokenizer_sha256(self.tokenizer), self.online)
         if problems:
             raise DistilcacheError(f"cache {self.reader.path} does not fit this run: " + "; ".join(problems))
+        advice = None if self.online else kd_mode_advice(self.reader, cfg)
+        if advice and self.rank == 0:
+            log.warning("%s", advice)
         manifest = self.reader.manifest
         student = AutoModelForMaskedLM.from_config(config)
         if cfg.student.init == "teacher" or self.online:
@@ -123,6 +127,10 @@ class Trainer:
         self.module = DistillModule(student, manifest["teacher"]["hidden_size"])
         kd_exact = cfg.loss.kd_mode == "exact" and cfg.loss.alpha_ce > 0 and not self.online
         self.head = cache_head(self.reader, self.device) if kd_exact or self.reader.manifest["head"] else None
+        self.head_dtype = resolve_head_dtype(cfg.loss.exact_head_dtype, self.device)
+        # evaluation keeps the fp32 head; exact KD multiplies in head_dtype (a copy where that differs)
+        low = kd_exact and self.head_dtype != torch.float32
+        self.kd_head = copy.deepcopy(self.head).to(self.head_dtype) if low else self.head
         n_params = sum(p.numel() for p in student.parameters())
         log.info(
             "student: %s, %d layers, width %d, %.1fM parameters",
@@ -221,6 +229,7 @@ class Trainer:
                         "online_teacher": self.online,
                         "world_size": self.world,
                         "precision": self.precision,
+                        "exact_head_dtype": str(self.head_dtype).removeprefix("torch."),
                         "total_steps": self.total_steps,
                         "versions": library_versions(),
                     },
@@ -272,10 +281,11 @@ class Trainer:
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
                 self.save_checkpoint()
         bar.close()
+        loop = stats.summary()  # the training loop's own time and throughput, before checkpoint and eval
         self.save_checkpoint()
         result = self._evaluate()
         export = self.export()
-        summary = stats.summary() | {"eval": result, "export": str(export), "run_dir": str(self.run_dir)}
+        summary = loop | {"eval": result, "export": str(export), "run_dir": str(self.run_dir)}
         if self.rank == 0:
             log.info("%s", stats.summary_text(summary, table(result) if result else None))
             # written last: its presence marks a finished run (pipeline ablate skips those)
@@ -313,7 +323,7 @@ class Trainer:
             if t_logits is not None:
                 per_token = losses.kd_full(s, at(t_logits), T)
             elif lcfg.kd_mode == "exact":
-                per_token = losses.kd_exact(s, at(t_hidden), self.head, T, lcfg.exact_chunk_tokens)
+                per_token = losses.kd_exact(s, at(t_hidden), self.kd_head, T, lcfg.exact_chunk_tokens, self.head_dtype)
             elif lcfg.kd_mode == "sampled":
                 per_token = losses.kd_sampled(s, at(b["sample_ids"]), at(b["sample_counts"]), T)
             elif lcfg.kd_mode == "topk_tail":
@@ -440,6 +450,19 @@ def _selector(positions: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]
     if bool(positions.all()):
         return lambda x: x.flatten(0, 1)
     return lambda x: x[positions]
+
+
+def resolve_head_dtype(spec: str, device: torch.device) -> torch.dtype:
+    """loss.exact_head_dtype -> dtype: `auto` is bfloat16 where the hardware multiplies it natively."""
+    if spec != "auto":
+        return getattr(torch, spec)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    native = (
+        getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+        or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    )
+    return torch.bfloat16 if native else torch.float32
 
 
 def _destroy_process_group() -> None:

@@ -143,11 +143,14 @@ class OutputsConfig:
     """Positions with cached logits: every non-pad token (DistilBERT) or masked tokens only."""
     logits_dtype: Literal["float16", "bfloat16"] = "float16"
     """Storage dtype of the top-k logit values."""
-    hidden_dtype: Literal["float16", "int8", "float32"] = "float16"
-    """Storage of last hidden states: float16, int8 with a per-token float16 scale, or float32."""
-    logits: Literal["topk", "sampled", "both"] = "topk"
-    """Sparse teacher logits: top-k with the log-sum-exp (`topk`), tokens sampled from the teacher's
-    distribution with their counts (`sampled`, RS-KD, Anshumann et al. 2025), or both."""
+    hidden_dtype: Literal["float16", "int8", "float32"] = "int8"
+    """Storage of last hidden states: int8 with a per-token float16 scale (half the bytes of float16; the
+    teacher's logits rebuilt from them move by a KL of ~2e-5, README "Fidelity"), float16, or float32."""
+    logits: Literal["none", "topk", "sampled", "both"] = "none"
+    """Sparse teacher logits besides the hidden states: `none` (stage two's `exact` KD rebuilds the full
+    logits from the hidden states through the cached head: no extra bytes), top-k with the log-sum-exp
+    (`topk`), tokens sampled from the teacher's distribution with their counts (`sampled`, RS-KD,
+    Anshumann et al. 2025), or both."""
     n_samples: int = 64
     """Draws per position with logits: sampled (with replacement; distinct ids stored with counts)."""
     sample_temperature: float = 1.0

@@ -67,9 +67,10 @@ def field_specs(
         FieldSpec("lengths", (), "int32", "small"),
         FieldSpec("sequence_index", (), "int64", "small"),
         FieldSpec("view", (), "uint8", "raw"),
-        FieldSpec("logsumexp", (length, n_temps), "float32", "lse"),
-        FieldSpec("hidden", (length, hidden_size), hidden_dtype, "raw"),
     ]
+    if logits != "none":
+        fields.append(FieldSpec("logsumexp", (length, n_temps), "float32", "lse"))
+    fields.append(FieldSpec("hidden", (length, hidden_size), hidden_dtype, "raw"))
     if logits in ("topk", "both"):
         fields += [
             FieldSpec(

@@ -98,39 +98,87 @@ def _wall_seconds(manifest: dict) -> float:
     return max(s["committed"] for s in shards) - first
 
 
+def topk_mass(values: torch.Tensor, lse: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(...,) probability the teacher's cached top-k hold at T, from (..., k) values and (...,) lse_T."""
+    return torch.exp(values / temperature - lse[..., None]).sum(-1)
+
+
+@torch.no_grad()
+def rebuilt_stats(
+    head: torch.nn.Module, hidden: torch.Tensor, k: int, temperatures: list[float], chunk: int = 1024
+) -> dict[str, torch.Tensor]:
+    """From exact logits head(hidden) of (n, H) positions, chunk by chunk: top-1 ids (n,), and per
+    temperature (n, T) the top-k mass and the entropy."""
+    top1, mass, entropy = [], [], []
+    for a in range(0, len(hidden), chunk):
+        logits = head(hidden[a : a + chunk].float())
+        top1.append(logits.argmax(-1))
+        log_p = torch.stack([torch.log_softmax(logits / t, -1) for t in temperatures], 1)  # (c, T, V)
+        mass.append(log_p.topk(min(k, log_p.shape[-1]), -1).values.exp().sum(-1))
+        entropy.append(-(log_p.exp() * log_p).sum(-1))
+    empty = torch.zeros(0, len(temperatures))
+    return {
+        "top1": torch.cat(top1) if top1 else torch.zeros(0, dtype=torch.long),
+        "mass": torch.cat(mass) if mass else empty,
+        "entropy": torch.cat(entropy) if entropy else empty,
+    }
+
+
 def teacher_stats(reader: CacheReader, split: str = "train", sample_rows: int = 256) -> dict:
-    """Per cached temperature: mean top-k probability mass (all / masked positions) and, when the
-    head is cached, exact entropy quantiles from logits rebuilt out of the hidden states."""
-    temps = reader.identity["outputs"]["temperatures"]
-    lay = reader.layouts[split]
-    data = reader.read_rows(split, 0, min(sample_rows, lay.rows))
-    lse = torch.from_numpy(data["logsumexp"])  # (n, L, T)
+    """Per cached temperature: mean top-k probability mass at all and at masked positions (from the
+    cached top-k and log-sum-exp, or from logits rebuilt by the cached head when the cache keeps no
+    top-k) and exact entropy quantiles at masked positions (head); the masked-token accuracy."""
+    outputs = reader.identity["outputs"]
+    temps, k = [float(t) for t in outputs["temperatures"]], int(outputs["k"])
+    data = reader.read_rows(split, 0, min(sample_rows, reader.layouts[split].rows))
     labels = torch.from_numpy(data["labels"]).long()
-    lengths = torch.from_numpy(data["lengths"])
-    valid = torch.arange(labels.shape[1])[None, :] < lengths[:, None]
+    valid = torch.arange(labels.shape[1])[None, :] < torch.from_numpy(data["lengths"])[:, None]
     masked = labels != IGNORE_INDEX
-    has_logits = valid if reader.identity["outputs"]["logit_positions"] == "all" else masked
     head = load_head(reader.path / TEACHER_DIR) if (reader.path / TEACHER_DIR / HEAD_FILE).is_file() else None
-    hidden = decode_hidden(data["hidden"], data.get("hidden_scale"), reader.identity["outputs"]["hidden_dtype"])
-    out: dict = {"rows": int(labels.shape[0]), "temperatures": {}}
-    top1 = teacher_top1(data)
-    out["masked_accuracy"] = float((top1[masked] == labels[masked]).float().mean()) if masked.any() else math.nan
+    out: dict = {"rows": int(labels.shape[0]), "k": k, "temperatures": {}, "masked_accuracy": math.nan}
+    rebuilt = None
+    if head is not None:
+        hidden = decode_hidden(data["hidden"], data.get("hidden_scale"), outputs["hidden_dtype"])
+        rebuilt = rebuilt_stats(head, hidden[valid], k, temps)
+    at_masked = masked[valid]
+    if "topk_indices" in data or "sample_ids" in data:
+        top1 = teacher_top1(data)[masked]
+    else:
+        top1 = rebuilt["top1"][at_masked] if rebuilt is not None else None
+    if top1 is not None and masked.any():
+        out["masked_accuracy"] = float((top1 == labels[masked]).float().mean())
+    cached = valid if outputs["logit_positions"] == "all" else masked
     for j, t in enumerate(temps):
         entry = {"topk_mass_all": math.nan, "topk_mass_masked": math.nan}
         if "topk_values" in data:
-            values = decode_values(data["topk_values"], reader.identity["outputs"]["logits_dtype"])  # (n, L, k)
-            mass = torch.exp(values / t - lse[..., j : j + 1]).sum(-1)  # (n, L)
-            entry["topk_mass_all"] = float(mass[has_logits].mean())
-            if (masked & has_logits).any():
-                entry["topk_mass_masked"] = float(mass[masked & has_logits].mean())
-        if head is not None:
-            with torch.no_grad():
-                logits = head(hidden[masked]) / t
-            ent = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1)
-            q = torch.quantile(ent, torch.tensor([0.1, 0.5, 0.9]))
+            values = decode_values(data["topk_values"], outputs["logits_dtype"])  # (n, L, k)
+            mass = topk_mass(values, torch.from_numpy(data["logsumexp"][..., j]), t)  # (n, L)
+            entry["topk_mass_all"] = float(mass[cached].mean())
+            entry["topk_mass_masked"] = float(mass[masked].mean()) if masked.any() else math.nan
+        elif rebuilt is not None:
+            entry["topk_mass_all"] = float(rebuilt["mass"][:, j].mean())
+            entry["topk_mass_masked"] = float(rebuilt["mass"][at_masked, j].mean()) if masked.any() else math.nan
+        if rebuilt is not None and masked.any():
+            q = torch.quantile(rebuilt["entropy"][at_masked, j], torch.tensor([0.1, 0.5, 0.9]))
             entry["entropy_masked_p10_p50_p90"] = [round(float(x), 3) for x in q]
         out["temperatures"][str(t)] = entry
     return out
+
+
+def kd_advice(outputs: dict, head: bool, temperature: float, mass_masked: float, mass_all: float) -> str:
+    """Which KD mode reproduces online distillation with this cache, given how much of the
+    teacher's mass its top-k hold at the KD temperature (README, "Fidelity")."""
+    faithful = []
+    if head:
+        faithful.append("loss.kd_mode=exact (exact logits from the cached hidden states: no extra bytes)")
+    if outputs.get("logits") in ("sampled", "both") and float(outputs["sample_temperature"]) == temperature:
+        faithful.append("loss.kd_mode=sampled (unbiased)")
+    use = "; use " + " or ".join(faithful) if faithful else "; recache with outputs.logits=sampled or a known head"
+    return (
+        f"top-{outputs['k']} holds {100 * mass_masked:.0f} % of the teacher's mass at masked positions at "
+        f"T = {temperature:g} ({100 * mass_all:.0f} % over all): topk_tail lumps the rest into one bucket and "
+        f"trains a measurably different student than online KD{use}"
+    )
 
 
 def inspect_text(reader: CacheReader, sample_rows: int = 256) -> str:
@@ -155,17 +203,18 @@ def inspect_text(reader: CacheReader, sample_rows: int = 256) -> str:
         summary(reader.store),
     ]
     stats = teacher_stats(reader, "train", sample_rows)
+    k = stats["k"]
     lines += [
         "",
         f"teacher statistics on {stats['rows']} train rows (masked-token accuracy {stats['masked_accuracy']:.3f})",
-        f"  {'T':>5}{'top-k mass (all)':>19}{'top-k mass (masked)':>22}{'entropy masked p10/p50/p90':>30}",
+        f"  {'T':>5}{f'top-{k} mass (all)':>19}{f'top-{k} mass (masked)':>22}{'entropy masked p10/p50/p90':>30}",
     ]
     for t, e in stats["temperatures"].items():
         ent = "/".join(f"{x:.2f}" for x in e.get("entropy_masked_p10_p50_p90", [])) or "n/a (no head)"
         lines.append(f"  {t:>5}{e['topk_mass_all']:>19.3f}{e['topk_mass_masked']:>22.3f}{ent:>30}")
-    if ident["outputs"].get("logits", "topk") != "sampled":
-        lines.append(
-            f"  (k={ident['outputs']['k']}: the tail bucket holds the rest; a small masked mass at the training T "
-            "means the top-k alone would bias KD, see README)"
-        )
+    hot = max(stats["temperatures"], key=float)  # the highest cached T: where the top-k hold least
+    e = stats["temperatures"][hot]
+    if ident["outputs"].get("logits", "topk") in ("topk", "both"):
+        advice = kd_advice(ident["outputs"], bool(m["head"]), float(hot), e["topk_mass_masked"], e["topk_mass_all"])
+        lines.append(f"  KD: {advice}")
     return "\n".join(lines)

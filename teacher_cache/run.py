@@ -32,7 +32,7 @@ from teacher_cache import report
 from teacher_cache.config import CacheConfig, OutputsConfig
 from teacher_cache.corpus import PackedCorpus, PackedSplit, prepare_corpus
 from teacher_cache.encode import encode_hidden, encode_values
-from teacher_cache.head import HEAD_FILE, save_head
+from teacher_cache.head import HEAD_FILE, find_head, save_head
 from teacher_cache.layout import (
     FieldSpec,
     SplitLayout,
@@ -166,6 +166,11 @@ def check_compatible(cfg: CacheConfig, teacher: Teacher) -> None:
             f"corpus.max_seq_len={cfg.corpus.max_seq_len} exceeds the teacher's "
             f"{teacher.max_positions} positions; use max_seq_len <= {teacher.max_positions}"
         )
+    if cfg.outputs.logits == "none" and find_head(teacher.model) is None:
+        problems.append(
+            f"outputs.logits=none keeps no teacher logits, and stage two cannot rebuild them: the MLM head of "
+            f"{teacher.model.config.model_type!r} is not a known module; set outputs.logits=topk, sampled or both"
+        )
     if problems:
         raise TeacherError("; ".join(problems))
 
@@ -201,7 +206,7 @@ def prepare_batch(
     attention = np.arange(ids.shape[1])[None, :] < lengths[:, None]
     positions = attention if outputs.logit_positions == "all" else labels != IGNORE_INDEX
     draws = None
-    if outputs.logits != "topk":
+    if outputs.logits in ("sampled", "both"):
         draws = sample_uniforms(seed, seq, view, ids.shape[1], outputs.n_samples)[positions]
     return Batch(rows, masked, labels, lengths, seq, view, positions, draws)
 
@@ -221,14 +226,16 @@ def capture_shard(
         attention = torch.from_numpy(np.arange(ids.shape[1])[None, :] < b.lengths[:, None])
         positions = torch.from_numpy(b.positions)
         draws = None if b.draws is None else (torch.from_numpy(b.draws), out_cfg.sample_temperature)
-        out = teacher.forward(ids, attention.long(), positions, out_cfg.k, out_cfg.temperatures, chunk, draws)
+        k = 0 if out_cfg.logits == "none" else out_cfg.k
+        out = teacher.forward(ids, attention.long(), positions, k, out_cfg.temperatures, chunk, draws)
         sel = b.positions
         buf["input_ids"][b.rows] = b.input_ids
         buf["labels"][b.rows] = b.labels
         buf["lengths"][b.rows] = b.lengths
         buf["sequence_index"][b.rows] = b.sequence_index
         buf["view"][b.rows] = b.view
-        buf["logsumexp"][b.rows][sel] = out.lse.cpu().numpy()
+        if "logsumexp" in buf:
+            buf["logsumexp"][b.rows][sel] = out.lse.cpu().numpy()
         if "topk_values" in buf:
             buf["topk_values"][b.rows][sel] = encode_values(out.values, out_cfg.logits_dtype)
             buf["topk_indices"][b.rows][sel] = out.indices.cpu().numpy().astype(buf["topk_indices"].dtype)

@@ -37,10 +37,10 @@ class TeacherError(DistilcacheError):
 class TeacherBatch:
     """Teacher outputs for one batch: logits statistics at the selected positions only."""
 
-    values: torch.Tensor  # (n, k) fp32 top-k logits
-    indices: torch.Tensor  # (n, k) int64 token ids
-    lse: torch.Tensor  # (n, T) fp32 log-sum-exp per temperature
     hidden: torch.Tensor  # (B, L, H) last hidden states
+    values: torch.Tensor | None = None  # (n, k) fp32 top-k logits (None: no sparse logits asked for)
+    indices: torch.Tensor | None = None  # (n, k) int64 token ids
+    lse: torch.Tensor | None = None  # (n, T) fp32 log-sum-exp per temperature
     sample_ids: torch.Tensor | None = None  # (n, S) distinct sampled ids, when draws were given
     sample_counts: torch.Tensor | None = None  # (n, S) their counts
 
@@ -89,7 +89,8 @@ class Teacher:
         draws: tuple[torch.Tensor, float] | None = None,
     ) -> TeacherBatch:
         """Hidden states for the batch and top-k/lse (and samples, given (n, S) uniforms and a
-        temperature as `draws`) at `positions` ((B, L) bool)."""
+        temperature as `draws`) at `positions` ((B, L) bool). k = 0 and no draws: the encoder
+        only (outputs.logits none; stage two rebuilds the logits from the hidden states)."""
         input_ids = input_ids.to(self.device, non_blocking=True)
         attention_mask = attention_mask.to(self.device, non_blocking=True)
         positions = positions.to(self.device, non_blocking=True)
@@ -98,6 +99,8 @@ class Teacher:
         head = find_head(self.model)
         if head is not None:
             hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            if k == 0 and draws is None:
+                return TeacherBatch(hidden)
             selected = hidden[positions]
 
             def logits_of(a: int, b: int) -> torch.Tensor:
@@ -112,7 +115,7 @@ class Teacher:
 
         n = int(positions.sum())
         stats = chunked_logit_stats(logits_of, n, k, temperatures, chunk_tokens, draws)
-        return TeacherBatch(*stats[:3], hidden, *stats[3:])
+        return TeacherBatch(hidden, *stats)
 
 
 def resolve_device(spec: str) -> torch.device:

@@ -131,7 +131,7 @@ def cache_cfg(assets, tmp_path):
         "corpus": {"paths": [str(assets.text_dir / "*.txt")], "max_seq_len": SEQ_LEN, "eval_fraction": 0.1},
         "masking": {"views": 2},
         "teacher": {"name": str(assets.teacher), "batch_size": 8, "num_threads": 1},
-        "outputs": {"k": 16},
+        "outputs": {"k": 16, "logits": "topk", "hidden_dtype": "float16"},  # the top-k path (defaults: none, int8)
         "store": {
             "cache_dir": str(tmp_path / "home"),
             "output": str(tmp_path / "cache"),

@@ -162,7 +162,7 @@ def test_verify_and_inspect_commands(cache_cfg):
     assert result.exit_code == 0 and result.stdout.startswith("ok: 11 shards")
     result = invoke("inspect", out)
     assert result.exit_code == 0
-    for expected in ("teacher statistics on", "top-k mass (all)", "hidden", "B/token", "masking"):
+    for expected in ("teacher statistics on", "top-16 mass (all)", "hidden", "B/token", "masking"):
         assert expected in result.stdout
     assert_one_error(invoke("verify", str(Path(out).parent)), "is not a distilcache cache")
 

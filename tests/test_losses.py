@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -100,16 +102,55 @@ def test_topk_renorm_renormalises_the_teacher_over_its_top_k(logits):
     torch.testing.assert_close(got, (p * (p.log() - log_q)).sum(-1) * 4.0, rtol=1e-5, atol=1e-6)
 
 
-def test_exact_from_fp32_hidden_states_equals_online_teacher_logits():
-    torch.manual_seed(1)
-    head = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.GELU(), torch.nn.LayerNorm(16), torch.nn.Linear(16, V))
-    hidden = torch.randn(50, 16)
-    student = torch.randn(50, V)
-    with torch.no_grad():
-        online = losses.kd_full(student, head(hidden), 2.0)
-    torch.testing.assert_close(
-        losses.kd_exact(student, hidden, head, 2.0, chunk_tokens=8), online, rtol=1e-6, atol=1e-7
+def tiny_head(hidden_size: int = 16) -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Linear(hidden_size, hidden_size),
+        torch.nn.GELU(),
+        torch.nn.LayerNorm(hidden_size),
+        torch.nn.Linear(hidden_size, V),
     )
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
+@pytest.mark.parametrize("chunk", [8, 50, 1024])
+def test_fused_exact_value_and_gradient_equal_kd_full_on_online_teacher_logits(temperature, chunk):
+    """The fused exact KL (teacher logits rebuilt chunk by chunk, q - p kept for backward) against
+    the unfused full KL on the same teacher logits: values and gradients within fp32 rounding."""
+    torch.manual_seed(1)
+    head = tiny_head()
+    hidden = torch.randn(50, 16)
+    student = (torch.randn(50, V) * 3).requires_grad_(True)
+    with torch.no_grad():
+        teacher = head(hidden) * 2
+    online = losses.kd_full(student, teacher, temperature)
+    exact = losses.kd_exact(student, hidden, lambda h: head(h) * 2, temperature, chunk_tokens=chunk)
+    torch.testing.assert_close(exact, online, rtol=1e-5, atol=1e-6)
+    weights = torch.rand(50)  # a non-uniform upstream gradient: each row's scale must reach its row
+    (g,) = torch.autograd.grad((exact * weights).sum(), student)
+    (g_ref,) = torch.autograd.grad((online * weights).sum(), student)
+    torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-7)
+
+
+def test_fused_exact_keeps_no_teacher_log_probs_for_backward():
+    """Besides the student's logits, backward keeps one (n, V) float32 buffer (q - p), where autograd
+    through kd_full keeps the teacher's and the student's log-probabilities."""
+    head = tiny_head()
+    student = torch.randn(40, V, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        losses.kd_exact(student, torch.randn(40, 16), head, 2.0, chunk_tokens=16)
+    assert [tuple(t.shape) for t in saved] == [(40, V)]
+
+
+def test_bf16_head_moves_the_exact_kl_by_a_stated_tolerance():
+    """exact_head_dtype=bfloat16: the teacher head in bf16 against fp32, on peaked logits."""
+    torch.manual_seed(2)
+    head = tiny_head()
+    hidden = torch.randn(64, 16)
+    student = torch.randn(64, V) * 3
+    fp32 = losses.kd_exact(student, hidden, head, 2.0)
+    bf16 = losses.kd_exact(student, hidden, copy.deepcopy(head).to(torch.bfloat16), 2.0, head_dtype=torch.bfloat16)
+    assert (bf16 - fp32).abs().mean() < 1e-3 * fp32.mean()
 
 
 def test_mlm_and_cosine():

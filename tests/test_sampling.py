@@ -81,6 +81,22 @@ def test_sampled_kd_value_estimates_kl_plus_teacher_entropy(logits):
     assert abs(float(value.mean() - (kl + entropy))) <= 5 * float(se)
 
 
+@pytest.mark.parametrize("n", [4, 16, 64])
+def test_sampled_kd_standard_deviation_over_draws_is_the_stated_variance_cost(logits, n):
+    """The spread of the RS-KD loss over independent draws (the price of its small cache) is
+    T^2 * sqrt(Var_p[log q] / n), as `kd_sampled_std` reports and bench_fidelity prints: the
+    empirical std over REPEATS draw sets is within 5 standard errors of it (the std of a
+    sample std is about std / sqrt(2 * REPEATS)), and it halves when the draws quadruple."""
+    teacher, student = logits
+    ids, counts = draw(teacher, REPEATS, n)
+    value = losses.kd_sampled(student.expand(REPEATS, V), ids, counts.float(), T)
+    stated = float(losses.kd_sampled_std(student[None], teacher[None], T, n)[0])
+    se = stated / (2 * REPEATS) ** 0.5
+    assert abs(float(value.std()) - stated) <= 5 * se, (float(value.std()), stated)
+    quadrupled = float(losses.kd_sampled_std(student[None], teacher[None], T, 4 * n)[0])
+    assert quadrupled == pytest.approx(stated / 2, rel=1e-6)
+
+
 def test_rows_without_samples_give_zero():
     ids = torch.zeros(2, 4, dtype=torch.int64)
     counts = torch.tensor([[3.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])

@@ -95,8 +95,8 @@ def test_truncated_topk_and_sampled_modes_train_from_the_cache_alone(tiny_cache,
     monkeypatch.setattr(BertForMaskedLM, "forward", boom)
     first_kd = {}
     for name, changes in {
-        "k16": {},
-        "k4": {"loss.topk": 4},
+        "k16": {"loss.kd_mode": "topk_tail"},
+        "k4": {"loss.kd_mode": "topk_tail", "loss.topk": 4},
         "sampled": {"loss.kd_mode": "sampled"},
     }.items():
         train(tiny_cache, tmp_path / name, max_steps=2, **changes)
@@ -165,7 +165,7 @@ def test_kill_9_then_resume_continues_exactly(tiny_cache, tmp_path):
 
 
 def test_online_teacher_equals_exact_mode_from_fp32_hidden_states(assets, tiny_cache, tmp_path):
-    changes = {"loss.kd_mode": "exact", "max_steps": 3}
+    changes = {"loss.kd_mode": "exact", "loss.exact_head_dtype": "float32", "max_steps": 3}
     train(tiny_cache, tmp_path / "exact", **changes)
     run_train(from_dict(TrainConfig, raw_cfg(tiny_cache, tmp_path / "online", **changes)), online_teacher=True)
     torch.testing.assert_close(
@@ -176,11 +176,14 @@ def test_online_teacher_equals_exact_mode_from_fp32_hidden_states(assets, tiny_c
 @pytest.mark.parametrize(
     "changes,match",
     [
-        ({"loss.temperature": 3.0}, r"loss.temperature=3.0 is not cached \(cache has \[1.0, 2.0\]\)"),
+        (
+            {"loss.kd_mode": "topk_tail", "loss.temperature": 3.0},
+            r"loss.temperature=3.0 is not cached \(cache has \[1.0, 2.0\]\)",
+        ),
         ({"student.hidden_size": 16}, "student.init=teacher needs the teacher's width 32, the student has 16"),
         ({"data.split": "valid"}, r"data.split='valid' is not in the cache \(splits: train, eval\)"),
         ({"student.teacher": "/no/such/teacher"}, "teacher weights '/no/such/teacher' not found"),
-        ({"loss.topk": 17}, "loss.topk=17 exceeds the cached k=16"),
+        ({"loss.kd_mode": "topk_tail", "loss.topk": 17}, "loss.topk=17 exceeds the cached k=16"),
         (
             {"loss.kd_mode": "sampled", "loss.temperature": 1.0},
             r"loss.temperature=1.0 but the cache sampled the teacher at T=2.0; set loss.temperature=2.0",

@@ -1,0 +1,293 @@
+"""Which cached KD trains the online student? Every KD mode against `--online-teacher`, one run.
+
+    python benchmarks/bench_fidelity.py [--steps 60] [--micro-batch 16] [--sequences 1200]
+        [--modes online,exact,exact-int8,sampled,topk_tail,topk_renorm,defaults] [--json OUT]
+
+One corpus, one seed, the same masks and micro-batches for every row: the shared teacher
+`../shared/teachers/minilm-l6-mlm` cached over `../shared/data/wikitext2-valid.txt` (documents
+held out by `eval_fraction` form the held-out split, never trained on). Every row trains the
+same 3-layer student (initialised from teacher layers 0, 3, 5) for the same steps with the
+triple loss 5/2/1 at T = 2, then `train-student`'s own held-out evaluation scores it:
+masked-token accuracy and perplexity, top-1 agreement and KL(t||s) at T = 1 at masked
+positions (the headline figures), and the hidden-state cosine. Rows:
+
+- online: `--online-teacher` (the teacher runs every step; the reference);
+- exact: full-vocabulary logits rebuilt from fp16 hidden states through the cached head;
+- exact-int8: the same from int8 hidden states (per-token absmax, fp16 scale), no sparse logits;
+- sampled: RS-KD, 64 draws at T = 2 (and `--train-draws` other counts);
+- topk_tail / topk_renorm: the top-64 with one tail bucket / renormalised over the top-64;
+- defaults: a cache built with no `outputs` options and a run with no `loss` options (reuses a
+  row above when the defaults resolve to it).
+
+Caches with the same resolved outputs are built once (paths derive from the fingerprint).
+Bytes per token come from each cache's manifest; the variance of the sampled estimator at 32,
+64 and 128 draws is computed exactly from the teacher's and the exact-trained student's
+distributions on held-out positions (`losses.kd_sampled_std`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from pipeline.config import from_dict
+from student_train.config import TrainConfig
+from student_train.evaluate import cache_head, load_rows
+from student_train.losses import kd_sampled_std
+from teacher_cache.config import CacheConfig
+from teacher_cache.report import KD_MODE_FIELDS, size_rows
+from teacher_cache.store import CacheReader
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+TEACHER = SHARED / "teachers/minilm-l6-mlm"
+BASE_FIELDS = ("input_ids", "labels", "lengths", "sequence_index", "view")
+OUTPUTS_FULL = {"k": 64, "logits": "both", "n_samples": 64, "sample_temperature": 2.0, "hidden_dtype": "float16"}
+
+ROWS = {  # name: (cache outputs, train overrides, online teacher)
+    "online": (OUTPUTS_FULL, {"loss.kd_mode": "exact"}, True),
+    "exact": (OUTPUTS_FULL, {"loss.kd_mode": "exact"}, False),
+    "exact-int8": ({"logits": "none", "hidden_dtype": "int8"}, {"loss.kd_mode": "exact"}, False),
+    "sampled": (OUTPUTS_FULL, {"loss.kd_mode": "sampled"}, False),
+    "topk_tail": (OUTPUTS_FULL, {"loss.kd_mode": "topk_tail"}, False),
+    "topk_renorm": (OUTPUTS_FULL, {"loss.kd_mode": "topk_renorm"}, False),
+    "defaults": ({}, {}, False),
+}
+METRICS = [
+    ("masked_accuracy", "masked acc"),
+    ("perplexity", "perplexity"),
+    ("teacher_top1_agreement", "top-1 agree"),
+    ("kl_teacher_student", "KL(t‖s)"),
+    ("hidden_cosine", "hidden cos"),
+]
+
+
+def cache_config(args: argparse.Namespace, work: Path, outputs: dict, sequences: int | None = None) -> CacheConfig:
+    raw = {
+        "max_sequences": sequences or args.sequences,
+        "max_eval_sequences": args.eval_sequences,
+        "corpus": {
+            "paths": [str(SHARED / "data/wikitext2-valid.txt")],
+            "max_seq_len": args.seq_len,
+            "eval_fraction": 0.1,
+        },
+        "teacher": {"name": str(TEACHER), "batch_size": 32},
+        "outputs": {"temperatures": [1.0, 2.0], **outputs},
+        "store": {"cache_dir": str(work / "home")},  # path from the fingerprint: equal configs share it
+    }
+    return from_dict(CacheConfig, raw)
+
+
+def pipeline(*argv: str, log: Path) -> float:
+    """Run one `pipeline` command (its output to `log`); its wall seconds."""
+    start = time.perf_counter()
+    with log.open("w") as fh:
+        done = subprocess.run([sys.executable, "-m", "pipeline", *argv], stdout=fh, stderr=subprocess.STDOUT)
+    if done.returncode:
+        sys.exit(f"`pipeline {' '.join(argv)}` failed; see {log}")
+    return time.perf_counter() - start
+
+
+def build_cache(cfg: CacheConfig, work: Path, built: dict) -> Path:
+    """Build (or reuse) the cache of `cfg` at a path named by its resolved config."""
+    key = json.dumps(asdict(cfg), sort_keys=True)
+    if key not in built:
+        name = f"cache-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+        cfg = copy.deepcopy(cfg)
+        cfg.store.output = str(work / name)
+        (work / f"{name}.yaml").write_text(yaml.safe_dump({"cache": asdict(cfg)}))
+        print(f"[{time.strftime('%H:%M:%S')}] cache-teacher {name}: {asdict(cfg.outputs)}", flush=True)
+        seconds = pipeline("cache-teacher", "--config", str(work / f"{name}.yaml"), log=work / f"{name}.log")
+        built[key] = {"path": work / name, "seconds": seconds}
+    return built[key]["path"]
+
+
+def train(args: argparse.Namespace, work: Path, name: str, cache: Path, overrides: dict, online: bool) -> dict:
+    out = work / f"run-{name}"
+    raw = {
+        "cache": str(cache),
+        "output_dir": str(out),
+        "seed": 56,
+        "epochs": 1,
+        "max_steps": args.steps,
+        "log_every": 10,
+        "eval_sequences": args.eval_sequences,
+        "deepspeed_config": str(ROOT / "configs/deepspeed/zero2.json"),
+        "student": {"layers": 3},
+        "data": {"micro_batch_size": args.micro_batch, "num_workers": 1},
+    }
+    config = work / f"run-{name}.yaml"
+    config.write_text(yaml.safe_dump({"train": raw}))
+    argv = ["train-student", "--config", str(config), "--overwrite"]
+    argv += [f"--set={k}={v}" for k, v in overrides.items()] + (["--online-teacher"] if online else [])
+    seconds = pipeline(*argv, log=work / f"run-{name}.log")
+    summary = json.loads((out / "summary.json").read_text())
+    return {"wall_s": seconds, "tok_s": summary["tok_s"], "eval": summary["eval"], "run_dir": str(out)}
+
+
+def bytes_per_token(cache: Path) -> dict[str, float]:
+    return {name: per_token for name, _, per_token, _ in size_rows(CacheReader(cache).manifest)}
+
+
+def row_bytes(per_token: dict[str, float], kd_mode: str, online: bool) -> tuple[float, float]:
+    """(bytes/token of the fields the KD term reads, bytes/token the whole run reads)."""
+    kd_fields = () if online else next(f for modes, f in KD_MODE_FIELDS.items() if kd_mode in modes.split(" / "))
+    read = set(BASE_FIELDS) | set(kd_fields) | {"hidden", "hidden_scale"}  # L_cos reads the hidden states
+    return sum(per_token.get(f, 0.0) for f in kd_fields), sum(per_token.get(f, 0.0) for f in read)
+
+
+@torch.no_grad()
+def sampled_variance(cache: Path, student_dir: Path, draws: list[int], rows: int = 32) -> dict[int, dict]:
+    """Per-token std of the sampled KD estimate at each draw count, for the given student on
+    held-out positions, and the std of a micro-batch mean relative to its KD value."""
+    from transformers import AutoModelForMaskedLM
+
+    reader = CacheReader(cache)
+    head = cache_head(reader, torch.device("cpu"))
+    data = load_rows(reader, "eval", rows)
+    student = AutoModelForMaskedLM.from_pretrained(student_dir).eval()
+    valid = torch.arange(data["input_ids"].shape[1])[None, :] < data["lengths"][:, None]
+    logits = student(input_ids=data["input_ids"], attention_mask=valid.long()).logits[valid]
+    teacher = head(data["hidden"][valid])
+    temperature = float(reader.identity["outputs"]["sample_temperature"])
+    log_q = torch.log_softmax(logits / temperature, -1)
+    p = torch.softmax(teacher / temperature, -1)
+    ce = -(p * log_q).sum(-1) * temperature**2  # the sampled estimator's mean (cross-entropy * T^2)
+    out = {}
+    for n in draws:
+        std = kd_sampled_std(logits, teacher, temperature, n)
+        out[n] = {"std_per_token": float(std.mean()), "mean_per_token": float(ce.mean())}
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--modes", default=",".join(ROWS))
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--micro-batch", type=int, default=16)
+    p.add_argument("--sequences", type=int, default=1200, help="train sequences cached")
+    p.add_argument("--eval-sequences", type=int, default=256, help="held-out sequences cached and evaluated")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--draws", default="32,64,128", help="sample counts whose bytes and variance are reported")
+    p.add_argument("--work", type=Path, default=None, help="work directory (default: a temp dir, removed)")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench-fidelity-"))
+    work.mkdir(parents=True, exist_ok=True)
+    built: dict = {}
+    results: dict = {}
+    trained: dict = {}
+    for name in args.modes.split(","):
+        outputs, overrides, online = ROWS[name]
+        cfg = cache_config(args, work, outputs)
+        cache = build_cache(cfg, work, built)
+        train_cfg = from_dict(TrainConfig, {"cache": str(cache)})
+        for key, value in overrides.items():
+            setattr(train_cfg.loss, key.split(".")[1], value)
+        key = (str(cache), json.dumps(asdict(train_cfg.loss), sort_keys=True), online)
+        if key not in trained:
+            print(f"[{time.strftime('%H:%M:%S')}] {name}: training on {cache.name}", flush=True)
+            trained[key] = train(args, work, name, cache, overrides, online)
+        per_token = bytes_per_token(cache)
+        kd_bytes, run_bytes = row_bytes(per_token, train_cfg.loss.kd_mode, online)
+        results[name] = {
+            **trained[key],
+            "kd_mode": "online" if online else train_cfg.loss.kd_mode,
+            "cache_outputs": {k: asdict(cfg.outputs)[k] for k in ("logits", "hidden_dtype", "k", "n_samples")},
+            "kd_bytes_per_token": kd_bytes,
+            "run_bytes_per_token": run_bytes,
+            "cache_bytes_per_token": sum(per_token.values()),
+        }
+    draws = [int(x) for x in args.draws.split(",")]
+    sampled = {}
+    for n in draws:  # bytes of the sampled fields at each draw count (a 256-sequence capture suffices)
+        cache = build_cache(cache_config(args, work, {**OUTPUTS_FULL, "n_samples": n}, sequences=256), work, built)
+        per_token = bytes_per_token(cache)
+        sampled[n] = {"bytes_per_token": per_token["sample_ids"] + per_token["sample_counts"]}
+    reference_student = results.get("exact") or results.get("online")
+    if reference_student:
+        cache = next(v["path"] for v in built.values())
+        for n, v in sampled_variance(cache, Path(reference_student["run_dir"]) / "final", draws).items():
+            sampled[n].update(v)
+    report(args, results, sampled, built)
+    if args.work is None:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def report(args: argparse.Namespace, results: dict, sampled: dict, built: dict) -> None:
+    ref = results.get("online")
+    head = (
+        "| row | KD mode | cache (logits, hidden) | KD B/token | run reads B/token | wall s | tok/s | "
+        + " | ".join(label for _, label in METRICS)
+        + " | Δ perplexity | Δ KL |"
+    )
+    lines = [head, "|" + "---|" * 3 + "---:|" * (4 + len(METRICS) + 2)]
+    for name, r in results.items():
+        s = r["eval"]["student"]
+        c = r["cache_outputs"]
+        rel = {
+            m: (s[m] / ref["eval"]["student"][m] - 1) if ref else math.nan for m in ("perplexity", "kl_teacher_student")
+        }
+        lines.append(
+            f"| {name} | {r['kd_mode']} | {c['logits']}, {c['hidden_dtype']} | {r['kd_bytes_per_token']:,.0f} | "
+            f"{r['run_bytes_per_token']:,.0f} | {r['wall_s']:,.0f} | {r['tok_s']:,.0f} | "
+            + " | ".join(f"{s[m]:.4f}" if m != "perplexity" else f"{s[m]:.2f}" for m, _ in METRICS)
+            + f" | {100 * rel['perplexity']:+.2f} % | {100 * rel['kl_teacher_student']:+.2f} % |"
+        )
+    teacher = next(iter(results.values()))["eval"]["teacher"]
+    lines.append(
+        "| *teacher* | | | | | | | "
+        + " | ".join(f"{teacher[m]:.4f}" if m != "perplexity" else f"{teacher[m]:.2f}" for m, _ in METRICS)
+        + " | | |"
+    )
+    lines += [
+        "",
+        "| draws | sampled B/token | KD std per token | KD mean per token | std of a micro-batch mean |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    tokens = args.micro_batch * args.seq_len
+    for n, v in sampled.items():
+        if "std_per_token" not in v:
+            lines.append(f"| {n} | {v['bytes_per_token']:,.1f} | | | |")
+            continue
+        batch_std = v["std_per_token"] / math.sqrt(tokens)
+        lines.append(
+            f"| {n} | {v['bytes_per_token']:,.1f} | {v['std_per_token']:.3f} | {v['mean_per_token']:.3f} | "
+            f"{batch_std:.4f} ({100 * batch_std / v['mean_per_token']:.2f} %) |"
+        )
+    print("\n".join(lines))
+    summary = {
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "rows": results,
+        "sampled_draws": sampled,
+        "caches": {v["path"].name: round(v["seconds"], 1) for v in built.values()},
+        "numpy": np.__version__,
+    }
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(summary, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
