@@ -20,6 +20,7 @@ n positions being distilled.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -54,44 +55,66 @@ def kd_exact(
 
 
 class _ExactKL(torch.autograd.Function):
-    """Per chunk, with t = head(h) / T and s = logits / T each shifted by its row max:
-    KL = sum_v p (t - s) - log Z_t + log Z_s (as sum p = 1). The saved (n, V) buffer holds
-    q - p, written over the student's softmax pass, so backward is one scaling pass:
-    d(KL * T^2)/d logits = T * (q - p)."""
+    """Per chunk, with t = head(h) / T and s = logits / T each shifted by its row max (so exp
+    cannot overflow): KL = sum_v p (t - s) - log Z_t + log Z_s (as sum p = 1). Backward needs only
+    q - p: it is kept as Z_s (q - p) = e^s - (Z_s / Z_t) e^t, written over the student's own
+    exp pass, and backward scales each row by T / Z_s. Scale and shift are one pass per side, the
+    teacher's straight from the head's (bf16) output."""
 
     @staticmethod
     def forward(ctx, logits, hidden, head, temperature, chunk_tokens, head_dtype):
         inv_t = 1.0 / temperature
-        diff = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)  # becomes q - p
+        diff = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)  # becomes Z_s (q - p)
         kl = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        z_s = torch.empty_like(kl)
         for a in range(0, logits.shape[0], chunk_tokens):
             b = min(a + chunk_tokens, logits.shape[0])
             with torch.no_grad():
-                t = head(hidden[a:b].to(head_dtype)).float()  # (c, V), fresh (or a fresh upcast)
-            t = _shift_by_row_max_(t.mul_(inv_t))
-            p = t.exp()  # unnormalised teacher probabilities
+                raw = head(hidden[a:b].to(head_dtype))  # (c, V)
+            # reused float32 buffers: a fresh (c, V) tensor per chunk costs more than the pass itself
+            t = _shift_scale_(_WORKSPACE.get("t", raw.shape, logits.device).copy_(raw), inv_t)
+            del raw
+            p = torch.exp(t, out=_WORKSPACE.get("p", t.shape, logits.device))  # unnormalised, largest term 1
             z_t = p.sum(-1)
-            s = _shift_by_row_max_(diff[a:b].copy_(logits[a:b].detach()).mul_(inv_t))
-            cross = torch.bmm(p.unsqueeze(1), t.sub_(s).unsqueeze(2)).view(-1) / z_t  # sum_v p (t - s)
-            del t
-            q = s.exp_()  # the student's softmax, in the buffer
-            z_s = q.sum(-1)
-            kl[a:b] = cross - z_t.log() + z_s.log()
-            q.mul_((1.0 / z_s)[:, None]).addcmul_(p, (-1.0 / z_t)[:, None])  # q - p
-        ctx.save_for_backward(diff)
+            s = _shift_scale_(diff[a:b].copy_(logits[a:b].detach()), inv_t)
+            pv = p.unsqueeze(1)
+            dot = torch.bmm(pv, t.unsqueeze(2)).view(-1) - torch.bmm(pv, s.unsqueeze(2)).view(-1)
+            e = s.exp_()  # the student's unnormalised softmax, in the buffer
+            z_s[a:b] = e.sum(-1)
+            kl[a:b] = dot / z_t - z_t.log() + z_s[a:b].log()
+            e.addcmul_(p, (-z_s[a:b] / z_t)[:, None])  # Z_s (q - p)
+        ctx.save_for_backward(diff, z_s)
         ctx.temperature, ctx.dtype = temperature, logits.dtype
         return kl * temperature**2
 
     @staticmethod
     def backward(ctx, grad_out):
-        (diff,) = ctx.saved_tensors
-        grad = diff.mul_((grad_out.float() * ctx.temperature)[:, None])  # diff is not needed any more
+        diff, z_s = ctx.saved_tensors
+        grad = diff.mul_((grad_out.float() * ctx.temperature / z_s)[:, None])  # diff is not needed any more
         return grad.to(ctx.dtype), None, None, None, None, None
 
 
-def _shift_by_row_max_(x: torch.Tensor) -> torch.Tensor:
-    """x - max(x) per row, in place: exp cannot overflow and the largest term is exactly 1."""
-    return x.sub_(x.amax(-1, keepdim=True))
+def _shift_scale_(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """x <- scale * (x - max(x)) per row, in place: exp of it cannot overflow, its largest term is 1."""
+    peak = x.amax(-1, keepdim=True)
+    return torch.add(peak * -scale, x, alpha=scale, out=x)
+
+
+class _Buffers:
+    """Grow-only float32 scratch tensors, reused across calls (one training step at a time)."""
+
+    def __init__(self) -> None:
+        self._store: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    def get(self, name: str, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        n = math.prod(shape)
+        buf = self._store.get((name, device))
+        if buf is None or buf.numel() < n:
+            buf = self._store[(name, device)] = torch.empty(n, dtype=torch.float32, device=device)
+        return buf[:n].view(shape)
+
+
+_WORKSPACE = _Buffers()
 
 
 def teacher_topk_log_probs(

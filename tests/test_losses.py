@@ -132,14 +132,15 @@ def test_fused_exact_value_and_gradient_equal_kd_full_on_online_teacher_logits(t
 
 
 def test_fused_exact_keeps_no_teacher_log_probs_for_backward():
-    """Besides the student's logits, backward keeps one (n, V) float32 buffer (q - p), where autograd
-    through kd_full keeps the teacher's and the student's log-probabilities."""
+    """Besides the student's logits, backward keeps one (n, V) float32 buffer (Z_s (q - p)) and the
+    (n,) row sums Z_s, where autograd through kd_full keeps the teacher's and the student's
+    log-probabilities."""
     head = tiny_head()
     student = torch.randn(40, V, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         losses.kd_exact(student, torch.randn(40, 16), head, 2.0, chunk_tokens=16)
-    assert [tuple(t.shape) for t in saved] == [(40, V)]
+    assert [tuple(t.shape) for t in saved] == [(40, V), (40,)]
 
 
 def test_bf16_head_moves_the_exact_kl_by_a_stated_tolerance():
