@@ -63,7 +63,8 @@ def test_defaults_cache_int8_hidden_states_only_and_train_exact_kd(default_cache
     for mode in ("topk_tail", "sampled"):
         cfg = from_dict(TrainConfig, train_raw(default_cache, tmp_path / mode))
         cfg.loss.kd_mode = mode
-        with pytest.raises(DistilcacheError, match=f"loss.kd_mode={mode} needs .* the cache holds .*hidden states only"):
+        match = f"loss.kd_mode={mode} needs .* the cache holds .*hidden states only"
+        with pytest.raises(DistilcacheError, match=match):
             run_train(cfg)
 
 
