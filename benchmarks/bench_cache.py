@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cache_format.reader import CacheReader
 from pipeline.config import apply_overrides, from_dict
 from pipeline.log import setup_logging
 from teacher_cache.config import CacheConfig
 from teacher_cache.run import run_cache
-from teacher_cache.store import CacheReader
 from teacher_cache.teacher import resolve_device, resolve_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,8 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def bare_forward(model, reader: CacheReader, batch_size: int, device: torch.device) -> tuple[float, int]:
     """Seconds and tokens for full-logits forwards over the cached input ids."""
     lay = reader.layouts["train"]
-    ids_all = reader.array("train", "input_ids")[...].astype(np.int64)
-    lengths = reader.array("train", "lengths")[...]
+    rows = reader.read_rows("train", 0, lay.rows, ["input_ids", "lengths"])
+    ids_all, lengths = rows["input_ids"].astype(np.int64), rows["lengths"]
     tokens = int(lengths.sum())
     with torch.inference_mode():
         model(input_ids=torch.from_numpy(ids_all[:batch_size]).to(device))  # warm-up

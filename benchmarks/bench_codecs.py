@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from numcodecs import Blosc
 
-from teacher_cache.store import CacheReader
+from cache_format.reader import CacheReader
 
 CANDIDATES = {
     "none": None,

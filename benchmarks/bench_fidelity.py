@@ -45,18 +45,18 @@ import numpy as np
 import torch
 import yaml
 
+from cache_format.kd_modes import BASE_FIELDS, HIDDEN_FIELDS, KD_MODES
+from cache_format.reader import CacheReader
 from pipeline.config import from_dict
 from student_train.config import TrainConfig
-from student_train.evaluate import cache_head, load_rows
+from student_train.evaluate import load_rows
 from student_train.losses import kd_full, kd_sampled_std
 from teacher_cache.config import CacheConfig
-from teacher_cache.report import KD_MODE_FIELDS, size_rows
-from teacher_cache.store import CacheReader
+from teacher_cache.report import size_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 TEACHER = SHARED / "teachers/minilm-l6-mlm"
-BASE_FIELDS = ("input_ids", "labels", "lengths", "sequence_index", "view")
 OUTPUTS_FULL = {"k": 64, "logits": "both", "n_samples": 64, "sample_temperature": 2.0, "hidden_dtype": "float16"}
 
 ROWS = {  # name: (cache outputs, train overrides, online teacher)
@@ -159,8 +159,8 @@ def row_bytes(per_token: dict[str, float], kd_mode: str, online: bool) -> tuple[
     """(bytes/token of the fields the KD term reads, bytes/token the whole run reads)."""
     if online:  # the teacher supplies logits and hidden states: only ids, labels and lengths are read
         return 0.0, sum(per_token.get(f, 0.0) for f in BASE_FIELDS)
-    kd_fields = next(f for modes, f in KD_MODE_FIELDS.items() if kd_mode in modes.split(" / "))
-    read = set(BASE_FIELDS) | set(kd_fields) | {"hidden", "hidden_scale"}  # L_cos reads the hidden states
+    kd_fields = KD_MODES[kd_mode].fields
+    read = set(BASE_FIELDS) | set(kd_fields) | set(HIDDEN_FIELDS)  # L_cos reads the hidden states
     return sum(per_token.get(f, 0.0) for f in kd_fields), sum(per_token.get(f, 0.0) for f in read)
 
 
@@ -171,13 +171,13 @@ def sampled_variance(cache: Path, student_dir: Path, draws: list[int], rows: int
     from transformers import AutoModelForMaskedLM
 
     reader = CacheReader(cache)
-    head = cache_head(reader, torch.device("cpu"))
+    head = reader.head()
     data = load_rows(reader, "eval", rows)
     student = AutoModelForMaskedLM.from_pretrained(student_dir).eval()
     valid = torch.arange(data["input_ids"].shape[1])[None, :] < data["lengths"][:, None]
     logits = student(input_ids=data["input_ids"], attention_mask=valid.long()).logits[valid]
     teacher = head(data["hidden"][valid])
-    temperature = float(reader.identity["outputs"]["sample_temperature"])
+    temperature = float(reader.settings.outputs.sample_temperature)
     log_q = torch.log_softmax(logits / temperature, -1)
     p = torch.softmax(teacher / temperature, -1)
     ce = -(p * log_q).sum(-1) * temperature**2  # the sampled estimator's mean (cross-entropy * T^2)
@@ -202,7 +202,7 @@ def teacher_logit_fidelity(fp16_cache: Path, int8_cache: Path, rows: int = 64) -
     assert torch.equal(ids, data["int8"]["input_ids"]), "both caches hold the same held-out rows"
     valid = torch.arange(ids.shape[1])[None, :] < data["float16"]["lengths"][:, None]
     reference = teacher(input_ids=ids, attention_mask=valid.long()).logits[valid]
-    head = cache_head(readers["float16"], torch.device("cpu"))
+    head = readers["float16"].head()
     out = {}
     for storage, rows_ in data.items():
         for dtype in (torch.float32, torch.bfloat16):

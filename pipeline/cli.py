@@ -5,6 +5,7 @@ User errors print one line (`error: <problem>; <fix>`) and exit 1; the stages do
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -30,6 +31,14 @@ def _guard(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except DistilcacheError as exc:
             click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            where = f" writing {exc.filename}" if exc.filename else ""
+            click.echo(
+                f"error: disk full{where}; free space and rerun the same command (finished work is kept)", err=True
+            )
             sys.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted; finished shards are kept: rerun the same command to resume", err=True)
@@ -59,7 +68,7 @@ def config_options(fn: Callable) -> Callable:
 
 def _resolve(cls: type, section: str, config_path: str | None, overrides: tuple[str, ...], print_only: bool):
     cfg = load_config(cls, section, config_path, overrides)
-    text = to_yaml(cfg)
+    text = to_yaml(cfg, redact=True)
     if print_only:
         click.echo(text, nl=False)
         sys.exit(0)
@@ -82,53 +91,89 @@ def main(verbose: bool) -> None:
 
 @main.command("adapt-teacher")
 @config_options
+@click.option("--overwrite", is_flag=True, help="Replace an output_dir that adapt-teacher did not write.")
 @_guard
-def adapt_teacher(config_path: str | None, overrides: tuple[str, ...], print_config: bool) -> None:
+def adapt_teacher(config_path: str | None, overrides: tuple[str, ...], print_config: bool, overwrite: bool) -> None:
     """Turn an encoder without MLM head into a masked-LM teacher (section `adapt`)."""
     from teacher_cache.adapt import run_adapt
     from teacher_cache.config import AdaptConfig
 
     cfg = _resolve(AdaptConfig, "adapt", config_path, overrides, print_config)
-    path = run_adapt(cfg)
+    path = run_adapt(cfg, overwrite=overwrite)
     click.echo(f"teacher: {path}")
 
 
 @main.command("cache-teacher")
 @config_options
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache built with another config.")
+@click.option("--worker", default=None, metavar="I/N", help="Run as worker I of N independent processes (no group).")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True)
+@click.option("--ray-address", default=None, help="An existing Ray cluster (default: start a local one).")
+@click.option("--finalize", "finalize_only", is_flag=True, help="Write the manifest once every shard is committed.")
 @_guard
-def cache_teacher(config_path: str | None, overrides: tuple[str, ...], print_config: bool, overwrite: bool) -> None:
+def cache_teacher(
+    config_path: str | None,
+    overrides: tuple[str, ...],
+    print_config: bool,
+    overwrite: bool,
+    worker: str | None,
+    engine: str,
+    ray_address: str | None,
+    finalize_only: bool,
+) -> None:
     """Run the teacher once over a masked corpus into a sharded Zarr cache (section `cache`).
 
     Rerunning the same command resumes an interrupted cache and reuses a complete one. Under
-    `torchrun --nproc-per-node N -m pipeline cache-teacher ...` N processes write disjoint shards.
+    `torchrun --nproc-per-node N -m pipeline cache-teacher ...` N processes write disjoint shards;
+    `--worker I/N` runs independent workers (a Slurm array, a Kubernetes indexed job) that claim
+    shards through leases; `--engine ray` captures on Ray actors. store.output may be s3://, gs://, az://.
     """
     from teacher_cache.config import CacheConfig
     from teacher_cache.run import run_cache
 
     cfg = _resolve(CacheConfig, "cache", config_path, overrides, print_config)
-    path = run_cache(cfg, overwrite=overwrite)
+    parsed = None
+    if worker is not None:
+        index, sep, count = worker.partition("/")
+        if not (sep and index.isdigit() and count.isdigit() and int(count) > 0):
+            raise DistilcacheError(f"--worker {worker!r}: expected I/N, e.g. --worker 0/4")
+        parsed = (int(index), int(count))
+    if sum([parsed is not None, engine == "ray", finalize_only]) > 1:
+        raise DistilcacheError("--worker, --engine ray and --finalize exclude each other; pick one")
+    if overwrite and (parsed is not None or engine == "ray"):
+        raise DistilcacheError("--overwrite works with the local engine only; delete the cache, then start workers")
+    path = run_cache(cfg, overwrite, parsed, engine, ray_address, finalize_only)
     click.echo(f"cache: {path}")
 
 
 @main.command("verify")
 @click.argument("path", type=click.Path())
+@click.option("--repair", is_flag=True, help="Remove the damaged shards' commit records and the manifest.")
 @_guard
-def verify(path: str) -> None:
-    """Recompute every shard checksum of a cache; exit 1 naming any missing or corrupt shard."""
-    from teacher_cache.verify import verify_cache
+def verify(path: str, repair: bool) -> None:
+    """Recompute every checksum of a cache; exit 1 naming anything missing or damaged.
 
-    problems, stats = verify_cache(path)
-    for problem in problems:
+    With --repair, the damaged shards' commit records and the manifest are removed: rerunning the
+    same cache-teacher then recomputes exactly those shards.
+    """
+    from cache_format import verify as verify_mod
+
+    report = verify_mod.verify_cache(path)
+    for problem in report.problems:
         click.echo(f"FAIL {problem}", err=True)
-    if problems:
-        click.echo(
-            f"error: {path}: {len(problems)} problem(s); rebuild the named shards by deleting "
-            "their commits/ records and rerunning cache-teacher, or rebuild with --overwrite",
-            err=True,
-        )
-        sys.exit(1)
-    click.echo(f"ok: {stats['shards']} shards, {stats['bytes']:,} bytes verified in {path}")
+    if not report.problems:
+        click.echo(f"ok: {report.shards} shards, {report.bytes:,} bytes verified in {path}")
+        return
+    if repair and not report.unrepairable:
+        removed = verify_mod.repair(path, report)
+        click.echo(f"repaired: removed {', '.join(removed)}; rerun the same `pipeline cache-teacher` to recompute them")
+        return
+    if report.unrepairable:
+        damaged = ", ".join(sorted(set(report.unrepairable)))
+        fix = f"{damaged} cannot be recomputed; rebuild with cache-teacher --overwrite"
+    else:
+        fix = "run `pipeline verify --repair` on it, then rerun the same cache-teacher to recompute the damaged shards"
+    raise DistilcacheError(f"{path}: {len(report.problems)} problem(s); {fix}")
 
 
 @main.command("inspect")
@@ -138,15 +183,20 @@ def verify(path: str) -> None:
 @_guard
 def inspect(path: str, sample: int, as_json: bool) -> None:
     """Manifest, sizes per field and teacher statistics per cached temperature."""
+    from cache_format.reader import CacheReader
     from teacher_cache.report import inspect_text, teacher_stats
-    from teacher_cache.store import CacheReader
 
-    reader = CacheReader(path)
-    if as_json:
-        manifest = {k: v for k, v in (reader.manifest or {}).items() if k != "shards"}
-        click.echo(json.dumps({"manifest": manifest, "stats": teacher_stats(reader, "train", sample)}, indent=2))
-    else:
-        click.echo(inspect_text(reader, sample))
+    if sample < 1:
+        raise DistilcacheError(f"--sample {sample}; sample at least 1 row")
+    reader = CacheReader(path, lease=True)
+    try:
+        if as_json:
+            manifest = {k: v for k, v in (reader.manifest or {}).items() if k != "shards"}
+            click.echo(json.dumps({"manifest": manifest, "stats": teacher_stats(reader, "train", sample)}, indent=2))
+        else:
+            click.echo(inspect_text(reader, sample))
+    finally:
+        reader.close()
 
 
 @main.command("train-student")
@@ -219,31 +269,11 @@ def ablate(
     The base train config comes from --config's `train` section and --set; the grid's `base` and
     each variant's overrides go on top. Rerunning skips finished variants and resumes interrupted ones.
     """
-    from pathlib import Path
-
     from pipeline.config import apply_overrides, read_section
-    from student_train import sweep
-    from student_train.sweep_report import write_report
+    from student_train.sweep import run_ablate
 
-    grid = sweep.load_grid(grid_path)
     base = apply_overrides(read_section(config_path, "train") if config_path else {}, overrides)
-    out = Path(output or Path("runs/ablations") / grid.name)
-    configs = sweep.resolve_variants(grid, base, cache, out)
-    if print_config:
-        for name, cfg in configs.items():
-            click.echo(f"# variant {name}\n{to_yaml(cfg)}")
-        return
-    cache_path = next(iter(configs.values())).cache
-    if not report_only:
-        outcome = sweep.run_sweep(grid, configs, out, parallel or sweep.default_parallel())
-    try:
-        report = write_report(grid, configs, out, cache_path)
-    except FileNotFoundError as exc:
-        raise DistilcacheError(f"{exc}; run the sweep without --report-only first") from None
-    click.echo(report.read_text())
-    click.echo(f"table: {report}\nplot:  {out / 'results.png'}\ncsv:   {out / 'results.csv'}")
-    if not report_only:
-        sweep.check_outcome(outcome)
+    click.echo(run_ablate(grid_path, cache, output, parallel, report_only, base, print_config))
 
 
 if __name__ == "__main__":

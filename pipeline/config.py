@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import inspect
 import itertools
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -77,7 +78,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     """Split ``a.b=value`` into key path and a YAML-typed value (``k=32`` gives an int)."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set logits.k=32")
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set outputs.k=32")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
@@ -140,6 +141,11 @@ def _coerce(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
             choices = ", ".join(repr(a) for a in args)
             problems.append(f"{key}: {value!r} is not one of {choices}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{key}: expected a mapping, got {value!r} (write {{k: v}} on the command line)")
+            return value
+        return {str(k): v for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list | tuple):
             problems.append(f"{key}: expected a list, got {value!r} (write [a, b] on the command line)")
@@ -161,6 +167,9 @@ def _coerce(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             problems.append(f"{key}: expected a number, got {value!r}")
+            return value
+        if not math.isfinite(value):
+            problems.append(f"{key}: {value!r} is not a finite number; give a real value")
             return value
         return float(value)
     if tp is str:
@@ -189,8 +198,24 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def to_yaml(cfg: Any) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+SECRET_WORDS = ("secret", "password", "token", "key", "credential", "sas")
+
+
+def to_yaml(cfg: Any, redact: bool = False) -> str:
+    """YAML of a config; `redact` hides the values of secret-looking storage options in logs."""
+    data = to_dict(cfg)
+    if redact:
+        _redact(data)
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
+
+
+def _redact(node: Any) -> None:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == "storage_options" and isinstance(v, dict):
+                node[k] = {o: "***" if any(w in o.lower() for w in SECRET_WORDS) else x for o, x in v.items()}
+            else:
+                _redact(v)
 
 
 def field_docs(cls: type) -> dict[str, str]:

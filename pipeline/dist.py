@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
+import logging
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TypeVar
 
+import torch
 import torch.distributed as torch_dist
 
 T = TypeVar("T")
@@ -57,3 +61,46 @@ class DistEnv:
     def close(self) -> None:
         if self.world_size > 1 and torch_dist.is_initialized():
             torch_dist.destroy_process_group()
+
+
+def init_training() -> tuple[int, int, torch.device]:
+    """Join the process group of a DeepSpeed run (gloo on CPU, NCCL on GPU): under torchrun or the
+    deepspeed launcher, or as one process without a launcher. Returns (rank, world size, device)."""
+    cpu = not torch.cuda.is_available()
+    if cpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "RANK" not in os.environ:  # one process without a launcher
+        os.environ.update(
+            RANK="0",
+            LOCAL_RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(_free_port()),
+        )
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    if not torch_dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl")
+        # one group per process, destroyed at exit: DeepSpeed caches group handles globally, so a
+        # second run in the same process (tests, notebooks) must reuse the group, not recreate it
+        atexit.register(_destroy_process_group)
+    rank, world = torch_dist.get_rank(), torch_dist.get_world_size()
+    if cpu:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+        return rank, world, torch.device("cpu")
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def _destroy_process_group() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

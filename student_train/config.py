@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 
 @dataclass
@@ -56,9 +56,11 @@ class LossConfig:
     """Use only the first `topk` of the cached top-k tokens (null: all); the tail bucket grows to
     match, so one k=64 cache serves k in {8, 16, 64} ablations."""
     kd_positions: Literal["all", "masked"] = "all"
-    """Distil on every non-pad token (DistilBERT) or on masked tokens only."""
+    """Distil on every non-pad token (DistilBERT) or on masked tokens only. (Stage one's
+    `outputs.logit_positions` says where a cache holds sparse logits; KD can only use those.)"""
     alpha_ce: float = 5.0
-    """Weight of the KD term."""
+    """Weight of the KD term (DistilBERT's name: the cross-entropy against the teacher's soft targets; the
+    masked-LM cross-entropy is `alpha_mlm`)."""
     alpha_mlm: float = 2.0
     """Weight of the masked-LM cross-entropy on masked tokens."""
     alpha_cos: float = 1.0
@@ -129,7 +131,16 @@ class DataConfig:
     num_workers: int = 2
     """DataLoader worker processes (each opens the store lazily); 0 reads in the training process."""
     prefetch_groups: int = 2
-    """Block groups each worker prepares ahead."""
+    """Block groups each worker prepares ahead (and, for a remote cache, whose shards it fetches ahead)."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """Object-store options for a remote `cache` (s3://, gs://, az://) beside the standard environment
+    (AWS_*, AWS_ENDPOINT_URL, ...), e.g. {endpoint: ..., region: ...}."""
+    local_cache_dir: str | None = None
+    """Local disk cache of a remote cache's shard files, shared by DataLoader workers and ranks on a node
+    (null: $DISTILCACHE_HOME/mirror, ~/.cache/distilcache/mirror)."""
+    local_cache_gb: float = 64.0
+    """Bound of the local disk cache (least recently used shard files go first); 0 reads the bucket
+    directly."""
 
     def check(self) -> list[str]:
         problems = []
@@ -140,6 +151,8 @@ class DataConfig:
             problems.append("streams: must be positive or null")
         if self.num_workers < 0:
             problems.append("num_workers: must be >= 0")
+        if self.local_cache_gb < 0:
+            problems.append("local_cache_gb: must be >= 0 (0 disables the local cache)")
         return problems
 
 
@@ -181,6 +194,8 @@ class TrainConfig:
         problems = []
         if not self.cache:
             problems.append("cache: required; the path of a cache made by `pipeline cache-teacher`")
+        if not 0 <= self.seed < 2**32:
+            problems.append(f"seed: {self.seed} must be in [0, 2^32) (numpy's seed range)")
         if self.epochs <= 0:
             problems.append("epochs: must be positive")
         if self.max_steps is not None and self.max_steps < 1:
@@ -192,3 +207,11 @@ class TrainConfig:
             if getattr(self, key) < 0:
                 problems.append(f"{key}: must be >= 0")
         return problems
+
+
+def reader_options(data: DataConfig) -> dict:
+    """CacheReader keyword arguments for a run's cache: object-store options and the local disk cache."""
+    from cache_format.settings import DEFAULT_CACHE_DIR
+
+    directory = data.local_cache_dir or f"{DEFAULT_CACHE_DIR}/mirror"
+    return {"storage_options": data.storage_options or None, "local_cache": (directory, data.local_cache_gb)}

@@ -13,33 +13,45 @@ at most a group's worth of rows per stream is left unread). The state is (epoch,
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from student_train.config import DataConfig
-from teacher_cache.encode import decode_hidden, decode_values
-from teacher_cache.layout import SplitLayout
-from teacher_cache.rng import STREAM_BLOCKS, STREAM_ROWS, derive_seed, permutation
-from teacher_cache.store import CacheReader
+from cache_format.encode import decode_hidden, decode_values
+from cache_format.kd_modes import BASE_FIELDS, HIDDEN_FIELDS, KDMode
+from cache_format.layout import SplitLayout
+from cache_format.reader import CacheReader
+from cache_format.rng import STREAM_BLOCKS, STREAM_ROWS, derive_seed, permutation
+from cache_format.settings import CacheSettings
+from student_train.config import DataConfig, reader_options
+
+CLOUD_ENV = ("AWS_", "GOOGLE_", "AZURE_", "DISTILCACHE_")
 
 
 @dataclass(frozen=True)
-class Fields:
-    """Which cached fields a run needs (hidden states are ~90 % of the bytes: skip when unused)."""
+class FieldSelection:
+    """The teacher fields a run reads (hidden states are ~90 % of the bytes: skipped when unused)."""
 
-    topk: bool
-    hidden: bool
-    lse_column: int | None
-    """Index of the KD temperature in the cache's temperatures (topk modes)."""
-    samples: bool = False
+    teacher: tuple[str, ...]
+    lse_column: int | None = None
+    """Index of the KD temperature among the cached log-sum-exp columns (topk_tail)."""
     topk_limit: int | None = None
     """Read only the first (largest) `topk_limit` of the cached top-k (loss.topk)."""
+
+    @classmethod
+    def for_run(
+        cls, settings: CacheSettings, present: set[str], kd: KDMode | None, cosine: bool, temperature: float, topk
+    ) -> FieldSelection:
+        """The KD mode's fields (None: no KD from the cache) and, for the cosine loss, the hidden states."""
+        wanted = list(kd.fields if kd else ()) + (list(HIDDEN_FIELDS) if cosine else [])
+        teacher = tuple(dict.fromkeys(f for f in wanted if f in present))
+        lse = settings.lse_column(temperature) if "logsumexp" in teacher else None
+        return cls(teacher, lse, topk)
 
 
 def view_blocks(layout: SplitLayout, view: int) -> tuple[np.ndarray, np.ndarray]:
@@ -82,12 +94,24 @@ def plan_epoch(
 class GroupDataset(Dataset):
     """Item (epoch, stream, group) -> the group's rows of the epoch's view, decoded and shuffled.
 
-    The store is opened lazily, once per DataLoader worker process.
+    The store is opened lazily, once per DataLoader worker process, without the open-time checks
+    (the training process made them); every read still checks shard files and chunk CRCs.
     """
 
-    def __init__(self, path: str | Path, split: str, fields: Fields, seed: int, plans: dict[int, EpochPlan]):
-        self.path, self.split, self.fields, self.seed = str(path), split, fields, seed
-        self.plans = plans
+    def __init__(
+        self,
+        location: str,
+        split: str,
+        fields: FieldSelection,
+        seed: int,
+        plans: dict[int, EpochPlan],
+        options: dict,
+        ahead: int,
+    ):
+        self.location, self.split, self.fields, self.seed = location, split, fields, seed
+        self.plans, self.options, self.ahead = plans, options, ahead
+        # the object-store credentials of this process: a forkserver worker may predate them
+        self.env = {k: v for k, v in os.environ.items() if k.startswith(CLOUD_ENV)}
         self._reader: CacheReader | None = None
 
     def __len__(self) -> int:  # items are addressed by key, not by position
@@ -96,40 +120,34 @@ class GroupDataset(Dataset):
     def __getitem__(self, key: tuple[int, int, int]) -> dict[str, torch.Tensor]:
         epoch, stream, group = key
         if self._reader is None:
-            self._reader = CacheReader(self.path)
+            os.environ.update(self.env)
+            self._reader = CacheReader(self.location, check=False, **self.options)
         reader, plan = self._reader, self.plans[epoch]
-        names = ["input_ids", "labels", "lengths", "sequence_index", "view"]
-        if self.fields.topk:
-            names += ["topk_values", "topk_indices", "logsumexp"]
-        if self.fields.samples:
-            names += ["sample_ids", "sample_counts"]
-        if self.fields.hidden:
-            names += ["hidden"] + (["hidden_scale"] if "hidden_scale" in reader.fields else [])
+        names = [*BASE_FIELDS, *self.fields.teacher]
+        upcoming = plan.groups[stream][group + 1 : group + 1 + self.ahead]  # a remote cache: fetch ahead
+        reader.prefetch_blocks(self.split, [int(b) for g in upcoming for b in g], names)
         parts = [reader.read_block(self.split, int(b), names) for b in plan.groups[stream][group]]
         data = {n: np.concatenate([p[n] for p in parts]) for n in names}
         keep = np.flatnonzero(data["view"] == plan.view)
         keep = keep[permutation(derive_seed(self.seed, epoch, stream, group), STREAM_ROWS, len(keep))]
-        return self._decode({n: data[n][keep] for n in names}, reader)
+        return self._decode({n: data[n][keep] for n in names}, reader.settings)
 
-    def _decode(self, d: dict[str, np.ndarray], reader: CacheReader) -> dict[str, torch.Tensor]:
-        out = {
-            "input_ids": torch.from_numpy(d["input_ids"].astype(np.int64)),
-            "labels": torch.from_numpy(d["labels"].astype(np.int64)),
-            "lengths": torch.from_numpy(d["lengths"].astype(np.int64)),
-            "sequence_index": torch.from_numpy(d["sequence_index"].astype(np.int64)),
-            "view": torch.from_numpy(d["view"].astype(np.int64)),
-        }
-        outputs = reader.identity["outputs"]
-        if self.fields.topk:
-            k = self.fields.topk_limit
-            out["topk_values"] = decode_values(np.ascontiguousarray(d["topk_values"][..., :k]), outputs["logits_dtype"])
-            out["topk_indices"] = torch.from_numpy(d["topk_indices"][..., :k].astype(np.int64))
-            out["lse"] = torch.from_numpy(np.ascontiguousarray(d["logsumexp"][..., self.fields.lse_column]))
-        if self.fields.samples:
-            out["sample_ids"] = torch.from_numpy(d["sample_ids"].astype(np.int64))
-            out["sample_counts"] = torch.from_numpy(d["sample_counts"].astype(np.float32))
-        if self.fields.hidden:
-            out["hidden"] = decode_hidden(d["hidden"], d.get("hidden_scale"), outputs["hidden_dtype"])
+    def _decode(self, d: dict[str, np.ndarray], settings: CacheSettings) -> dict[str, torch.Tensor]:
+        out = {n: torch.from_numpy(d[n].astype(np.int64)) for n in BASE_FIELDS}
+        k = self.fields.topk_limit
+        for name in self.fields.teacher:
+            if name == "topk_values":
+                out[name] = decode_values(np.ascontiguousarray(d[name][..., :k]), settings.outputs.logits_dtype)
+            elif name == "topk_indices":
+                out[name] = torch.from_numpy(d[name][..., :k].astype(np.int64))
+            elif name == "logsumexp":  # the column of the KD temperature
+                out[name] = torch.from_numpy(np.ascontiguousarray(d[name][..., self.fields.lse_column]))
+            elif name == "sample_ids":
+                out[name] = torch.from_numpy(d[name].astype(np.int64))
+            elif name == "sample_counts":
+                out[name] = torch.from_numpy(d[name].astype(np.float32))
+            elif name == "hidden":
+                out[name] = decode_hidden(d[name], d.get("hidden_scale"), settings.outputs.hidden_dtype)
         return out
 
 
@@ -137,7 +155,14 @@ class CacheBatches:
     """This rank's micro-batches, epoch after epoch, resumable from `state_dict()`."""
 
     def __init__(
-        self, reader: CacheReader, cfg: DataConfig, fields: Fields, seed: int, streams: int, rank: int, world: int
+        self,
+        reader: CacheReader,
+        cfg: DataConfig,
+        fields: FieldSelection,
+        seed: int,
+        streams: int,
+        rank: int,
+        world: int,
     ):
         if streams % world or (cfg.micro_batch_size * world) % streams:
             raise ValueError(
@@ -186,7 +211,15 @@ class CacheBatches:
         offset = {s: skip - int(plan.group_rows[s][: first[s]].sum()) for s in mine}
         keys = _interleave({s: range(first[s], len(plan.groups[s])) for s in mine}, plan.epoch)
         loader = DataLoader(
-            GroupDataset(self.reader.path, self.cfg.split, self.fields, self.seed, {plan.epoch: plan}),
+            GroupDataset(
+                self.reader.url,
+                self.cfg.split,
+                self.fields,
+                self.seed,
+                {plan.epoch: plan},
+                reader_options(self.cfg),
+                self.cfg.prefetch_groups,
+            ),
             sampler=keys,
             batch_size=None,
             num_workers=self.cfg.num_workers,

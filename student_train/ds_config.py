@@ -21,9 +21,12 @@ def load_template(path: str | Path) -> dict:
     if not p.is_file():
         raise ConfigError(f"deepspeed_config: {p} not found; use one of configs/deepspeed/zero{{1,2,3}}.json")
     try:
-        return json.loads(p.read_text())
+        doc = json.loads(p.read_text())
     except json.JSONDecodeError as exc:
         raise ConfigError(f"deepspeed_config: {p} is not valid JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"deepspeed_config: {p} must hold a JSON object, not {type(doc).__name__}")
+    return doc
 
 
 def resolve(template: dict, cfg: TrainConfig, world: int, total_steps: int, precision: str, cpu: bool) -> dict:
@@ -52,6 +55,8 @@ def resolve(template: dict, cfg: TrainConfig, world: int, total_steps: int, prec
         node = ds
         for p in parents:
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f'deepspeed_config: section "{p}" must be a JSON object, not {node!r}')
         current = node.get(leaf, "auto")
         if current == "auto":
             node[leaf] = value

@@ -21,10 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cache_format.encode import decode_hidden, teacher_top1
+from cache_format.hashing import tokenizer_sha256
+from cache_format.reader import CacheReader
+from pipeline.errors import DistilcacheError
 from student_train.losses import IGNORE_INDEX, cosine_loss, kd_full
-from teacher_cache.encode import decode_hidden, teacher_top1
-from teacher_cache.head import HEAD_FILE, load_head
-from teacher_cache.store import TEACHER_DIR, CacheReader
 
 Forward = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 METRICS = ("masked_accuracy", "perplexity", "teacher_top1_agreement", "kl_teacher_student", "hidden_cosine")
@@ -36,24 +37,25 @@ ALL_POSITION_METRICS = ("teacher_top1_agreement_all", "kl_teacher_student_all")
 def load_rows(reader: CacheReader, split: str, n: int) -> dict[str, torch.Tensor]:
     """The first n rows of a split (rows are in seeded random order), decoded."""
     if split not in reader.splits:
-        raise ValueError(f"split {split!r} is not in the cache (splits: {', '.join(reader.splits)})")
+        raise DistilcacheError(f"split {split!r} is not in the cache (splits: {', '.join(reader.splits)}); pick one")
+    if n < 1:
+        raise DistilcacheError(f"{n} sequences to evaluate; give at least 1")
     n = min(n, reader.layouts[split].rows)
-    top1 = [f for f in ("topk_indices", "sample_ids", "sample_counts") if f in reader.fields][:2]
+    if "topk_indices" in reader.fields:
+        top1 = ["topk_indices"]
+    else:
+        top1 = ["sample_ids", "sample_counts"] if "sample_ids" in reader.fields else []
     scale = ["hidden_scale"] if "hidden_scale" in reader.fields else []
     d = reader.read_rows(split, 0, n, ["input_ids", "labels", "lengths", *top1, "hidden", *scale])
     rows = {
         "input_ids": torch.from_numpy(d["input_ids"].astype(np.int64)),
         "labels": torch.from_numpy(d["labels"].astype(np.int64)),
         "lengths": torch.from_numpy(d["lengths"].astype(np.int64)),
-        "hidden": decode_hidden(d["hidden"], d.get("hidden_scale"), reader.identity["outputs"]["hidden_dtype"]),
+        "hidden": decode_hidden(d["hidden"], d.get("hidden_scale"), reader.settings.outputs.hidden_dtype),
     }
     if top1:
         rows["teacher_top1"] = teacher_top1(d)
     return rows
-
-
-def cache_head(reader: CacheReader, device: torch.device) -> torch.nn.Module | None:
-    return load_head(reader.path / TEACHER_DIR, device) if (reader.path / TEACHER_DIR / HEAD_FILE).is_file() else None
 
 
 @torch.no_grad()
@@ -68,7 +70,7 @@ def evaluate(
     """{"student": metrics, "teacher": metrics} over the given rows."""
     if head is None and "teacher_top1" not in rows:
         raise ValueError("the cache holds neither the teacher's head nor cached logits: nothing to compare with")
-    sums = dict.fromkeys(("ce", "hit", "agree", "agree_all", "kl", "kl_all", "cos", "t_ce", "t_hit"), 0.0)
+    sums = dict.fromkeys(("nll", "hit", "agree", "agree_all", "kl", "kl_all", "cos", "t_nll", "t_hit"), 0.0)
     counts = dict.fromkeys(("masked", "top1_all", "valid"), 0)
     cos_available = True
     for a in range(0, len(rows["input_ids"]), batch_size):
@@ -84,7 +86,7 @@ def evaluate(
             kl = kd_full(logits[valid], teacher_logits, 1.0)
             sums["kl_all"] += float(kl.sum())
             sums["kl"] += float(kl[at_masked].sum())
-            sums["t_ce"] += float(F.cross_entropy(teacher_logits[at_masked], target, reduction="sum"))
+            sums["t_nll"] += float(F.cross_entropy(teacher_logits[at_masked], target, reduction="sum"))
             top1 = torch.full_like(b["input_ids"], -1)
             top1[valid] = teacher_logits.argmax(-1)
             known = valid
@@ -92,7 +94,7 @@ def evaluate(
             top1 = b["teacher_top1"]
             known = valid if logits_at == "all" else masked
         student_top1 = logits.argmax(-1)
-        sums["ce"] += float(F.cross_entropy(logits[masked], target, reduction="sum"))
+        sums["nll"] += float(F.cross_entropy(logits[masked], target, reduction="sum"))
         sums["hit"] += float((student_top1[masked] == target).sum())
         sums["agree"] += float((student_top1[masked] == top1[masked]).sum())
         sums["agree_all"] += float((student_top1[known] == top1[known]).sum())
@@ -108,7 +110,7 @@ def evaluate(
     n_masked, n_valid = max(counts["masked"], 1), max(counts["valid"], 1)
     student = {
         "masked_accuracy": sums["hit"] / n_masked,
-        "perplexity": math.exp(sums["ce"] / n_masked),
+        "perplexity": math.exp(sums["nll"] / n_masked),
         "teacher_top1_agreement": sums["agree"] / n_masked,
         "kl_teacher_student": sums["kl"] / n_masked if head is not None else nan,
         "hidden_cosine": sums["cos"] / n_valid if cos_available else nan,
@@ -117,7 +119,7 @@ def evaluate(
     }
     teacher = {
         "masked_accuracy": sums["t_hit"] / n_masked,
-        "perplexity": math.exp(sums["t_ce"] / n_masked) if head is not None else nan,
+        "perplexity": math.exp(sums["t_nll"] / n_masked) if head is not None else nan,
         "teacher_top1_agreement": 1.0,
         "kl_teacher_student": 0.0,
         "hidden_cosine": 1.0,
@@ -143,14 +145,32 @@ def _fmt(x: float) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
 
 
-def load_student(model_dir: str | Path, device: torch.device) -> Forward:
-    """An exported student (save_pretrained dir, plus the cosine projection when it was trained)."""
+def load_student(model_dir: str | Path, device: torch.device, reader: CacheReader | None = None) -> Forward:
+    """An exported student (save_pretrained dir, plus the cosine projection when it was trained);
+    with `reader`, refused unless its vocabulary and tokenizer are the cache's."""
     from safetensors.torch import load_file
-    from transformers import AutoModelForMaskedLM
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
 
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise DistilcacheError(f"--model {model_dir}: no model there (no config.json); give an exported model dir")
     model = AutoModelForMaskedLM.from_pretrained(model_dir).to(device).eval()
+    if reader is not None:
+        cached = reader.settings
+        if model.config.vocab_size != cached.teacher.vocab_size:
+            raise DistilcacheError(
+                f"model vocabulary {model.config.vocab_size} != cache vocabulary {cached.teacher.vocab_size}; "
+                "evaluate a model distilled from this cache's teacher"
+            )
+        if (model_dir / "tokenizer.json").is_file():
+            digest = tokenizer_sha256(AutoTokenizer.from_pretrained(model_dir))
+            if digest != cached.tokenizer.sha256:
+                raise DistilcacheError(
+                    f"the model's tokenizer hashes to {digest[:12]}, the cache's to {cached.tokenizer.sha256[:12]}; "
+                    "evaluate a model that uses this cache's tokenizer"
+                )
     projection = None
-    proj_file = Path(model_dir) / "distill_projection.safetensors"
+    proj_file = model_dir / "distill_projection.safetensors"
     if proj_file.is_file():
         state = load_file(str(proj_file))
         projection = torch.nn.Linear(state["weight"].shape[1], state["weight"].shape[0]).to(device)
@@ -167,16 +187,17 @@ def load_student(model_dir: str | Path, device: torch.device) -> Forward:
 def run_evaluate(
     model_dir: str, cache: str, split: str, sequences: int, batch_size: int, json_path: str | None = None
 ) -> dict:
-    reader = CacheReader(cache)
+    if batch_size < 1:
+        raise DistilcacheError(f"--batch-size {batch_size}; give at least 1")
+    reader = CacheReader(cache, lease=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    result = evaluate(
-        load_student(model_dir, device),
-        load_rows(reader, split, sequences),
-        cache_head(reader, device),
-        reader.identity["outputs"]["logit_positions"],
-        batch_size,
-        device,
-    )
+    try:
+        rows = load_rows(reader, split, sequences)
+        forward = load_student(model_dir, device, reader)
+        head = reader.head(device)
+        result = evaluate(forward, rows, head, reader.settings.outputs.logit_positions, batch_size, device)
+    finally:
+        reader.close()
     result.update({"model": str(model_dir), "cache": str(cache), "split": split})
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2))

@@ -21,7 +21,8 @@ n positions being distilled.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -238,6 +239,27 @@ def kd_sampled_std(
     mean = (p * log_q).sum(-1, keepdim=True)
     var = (p * (log_q - mean).square()).sum(-1)
     return (var / n_samples).sqrt() * temperature**2
+
+
+@dataclass(frozen=True)
+class ExactHead:
+    """The cached MLM head as `exact` KD uses it: the module, its GEMM dtype, rows per chunk."""
+
+    head: Callable[[torch.Tensor], torch.Tensor]
+    dtype: torch.dtype = torch.float32
+    chunk_tokens: int = 1024
+
+
+KDLoss = Callable[[torch.Tensor, Mapping[str, torch.Tensor], float, "ExactHead | None"], torch.Tensor]
+
+KD_LOSSES: dict[str, KDLoss] = {
+    "exact": lambda s, t, T, h: kd_exact(s, t["hidden"], h.head, T, h.chunk_tokens, h.dtype),
+    "sampled": lambda s, t, T, h: kd_sampled(s, t["sample_ids"], t["sample_counts"], T),
+    "topk_tail": lambda s, t, T, h: kd_topk_tail(s, t["topk_values"], t["topk_indices"], t["logsumexp"], T),
+    "topk_renorm": lambda s, t, T, h: kd_topk_renorm(s, t["topk_values"], t["topk_indices"], T),
+}
+"""Per-token KD of each mode (cache_format.kd_modes.KD_MODES) from (n, V) student logits and the
+teacher fields the mode reads (decoded, at the same n positions)."""
 
 
 def mlm_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from cache_format.atomic import write_text_atomic
 from pipeline.log import human_time
 
 log = logging.getLogger(__name__)
@@ -42,11 +43,18 @@ class MetricsLog:
                     self._tb.add_scalar(prefix + key, value, record["step"])
 
     def truncate(self, step: int) -> None:
-        """Drop records after `step` (a resumed run rewrites them)."""
+        """Drop records after `step` (a resumed run rewrites them), and a last line a kill cut short."""
         if not self.enabled or not self.path.is_file():
             return
-        keep = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in keep))
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # torn by a kill mid-write: that step is redone anyway
+            if record["step"] <= step:
+                keep.append(line)
+        write_text_atomic(self.path, "".join(line + "\n" for line in keep))
 
     def close(self) -> None:
         if self._tb is not None:
@@ -63,8 +71,11 @@ class StepStats:
         self.step_time = self.wait = 0.0
         self.last: dict = {}
 
-    def update(self, step: int, sums: torch.Tensor, lr: float, step_time: float, wait: float, data: dict) -> dict:
-        """sums: global (kd, mlm, cos, n_kd, n_mlm, n_cos, tokens) of the step's micro-batches."""
+    def update(
+        self, step: int, sums: torch.Tensor, lr: float, step_time: float, wait: float, data: dict, skipped: int = 0
+    ) -> dict:
+        """sums: global (kd, mlm, cos, n_kd, n_mlm, n_cos, tokens) of the step's micro-batches;
+        skipped: optimizer steps DeepSpeed's fp16 loss scaler skipped on overflow so far."""
         kd, mlm, cos, n_kd, n_mlm, n_cos, tokens = (float(x) for x in sums)
         parts = {"kd": kd / max(n_kd, 1), "mlm": mlm / max(n_mlm, 1), "cos": cos / max(n_cos, 1)}
         loss = sum(a * parts[k] for a, k in zip(self.alphas, ("kd", "mlm", "cos"), strict=True))
@@ -86,6 +97,7 @@ class StepStats:
             "data_wait_s": wait,
             "elapsed_s": elapsed,
             "eta_s": elapsed / max(done, 1) * (self.total - step),
+            "overflow_skips": skipped,
         }
         return self.last
 
@@ -95,6 +107,7 @@ class StepStats:
             f"step {r['step']:>{width}}/{self.total} | loss {r['loss']:.4f} | kd {r['kd']:.4f} | "
             f"mlm {r['mlm']:.4f} | cos {r['cos']:.4f} | lr {r['lr']:.2e} | {_rate(r['tok_s'])} tok/s | "
             f"wait {100 * r['data_wait_s'] / max(r['step_time_s'], 1e-9):.1f}% | eta {human_time(r['eta_s'])}"
+            + (f" | fp16 overflow skips {r['overflow_skips']}" if r.get("overflow_skips") else "")
         )
 
     def summary(self) -> dict:

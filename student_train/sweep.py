@@ -202,11 +202,41 @@ def default_parallel() -> int:
     return max(1, len(_visible_gpus()))
 
 
-def check_outcome(outcome: dict[str, str]) -> None:
+def check_outcome(outcome: dict[str, str], report: Path) -> None:
     failed = {n: o for n, o in outcome.items() if o.startswith("failed")}
     if failed:
         raise DistilcacheError(
             f"{len(failed)} variant(s) failed: "
             + "; ".join(f"{n}: {o}" for n, o in failed.items())
-            + "; fix the cause and rerun the same command (finished variants are kept)"
+            + f"; the others are in {report}; fix the cause and rerun the same command (finished variants are kept)"
         )
+
+
+def run_ablate(
+    grid_path: str,
+    cache: str | None,
+    output: str | None,
+    parallel: int | None,
+    report_only: bool,
+    base_train: dict[str, Any],
+    print_config: bool = False,
+) -> str:
+    """`pipeline ablate`: resolve and validate every variant, run the unfinished ones, write the
+    report; returns the text to print (the resolved configs with `print_config`)."""
+    from student_train.sweep_report import write_report
+
+    grid = load_grid(grid_path)
+    out = Path(output or Path("runs/ablations") / grid.name)
+    configs = resolve_variants(grid, base_train, cache, out)
+    if print_config:
+        return "\n".join(
+            f"# variant {name}\n{yaml.safe_dump(to_dict(cfg), sort_keys=False)}" for name, cfg in configs.items()
+        )
+    outcome = None if report_only else run_sweep(grid, configs, out, parallel or default_parallel())
+    try:
+        report = write_report(grid, configs, out, next(iter(configs.values())).cache)
+    except FileNotFoundError as exc:
+        raise DistilcacheError(f"{exc}; run the sweep without --report-only first") from None
+    if outcome is not None:
+        check_outcome(outcome, report)
+    return f"{report.read_text()}\ntable: {report}\nplot:  {out / 'results.png'}\ncsv:   {out / 'results.csv'}"

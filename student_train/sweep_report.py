@@ -8,11 +8,12 @@ import json
 import math
 from pathlib import Path
 
+from cache_format.reader import CacheReader
+from cache_format.store import flatten
 from student_train.config import TrainConfig
 from student_train.evaluate import METRICS
 from student_train.sweep import Grid
 from student_train.trainer import SUMMARY_FILE
-from teacher_cache.store import CacheReader, flatten
 
 HIGHER_IS_BETTER = {
     "masked_accuracy": True,
@@ -64,8 +65,8 @@ def amortisation(cache: str, rows: list[dict]) -> dict:
     """Teacher time paid once (the capture's teacher seconds) against the students' time, and the
     estimate of the same sweep with the teacher online: each run adds the teacher's time for the
     tokens it trained on, at the capture's measured teacher seconds per token."""
-    manifest = CacheReader(cache).manifest
-    splits = manifest["counts"]["splits"]
+    reader = CacheReader(cache)
+    splits = reader.manifest["counts"]["splits"]
     teacher_s = sum(s["teacher_seconds"] for s in splits.values())
     per_token = teacher_s / max(sum(s["tokens"] for s in splits.values()), 1)
     students = sum(r["student_seconds"] for r in rows)
@@ -79,7 +80,7 @@ def amortisation(cache: str, rows: list[dict]) -> dict:
         "saving": online / max(teacher_s + students, 1e-9),
         # a capture with outputs.logits none ran the encoder only: online also pays the MLM head
         # and the full-vocabulary KL, so the estimate is a lower bound
-        "lower_bound": manifest["identity"]["outputs"].get("logits") == "none",
+        "lower_bound": reader.settings.outputs.logits == "none",
     }
 
 

@@ -9,14 +9,13 @@ cached input ids as the fidelity and speed baseline.
 
 from __future__ import annotations
 
-import atexit
 import copy
 import json
 import logging
+import math
 import os
 import random
 import shutil
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,21 +26,26 @@ import torch.distributed as torch_dist
 import yaml
 from tqdm import tqdm
 
+from cache_format.atomic import write_json_atomic
+from cache_format.hashing import tokenizer_sha256, weights_sha256
+from cache_format.kd_modes import KD_MODES
+from cache_format.reader import CacheReader
 from pipeline.config import to_dict
+from pipeline.dist import init_training
 from pipeline.errors import DistilcacheError
 from pipeline.versions import library_versions
-from student_train import ds_config, losses
+from student_train import checkpoint, ds_config, losses
 from student_train.checks import check_cache, kd_mode_advice
-from student_train.config import TrainConfig
-from student_train.data import CacheBatches, Fields
-from student_train.evaluate import cache_head, evaluate, load_rows, table
+from student_train.config import TrainConfig, reader_options
+from student_train.data import CacheBatches, FieldSelection
+from student_train.evaluate import evaluate, load_rows, table
+from student_train.export import export_student
 from student_train.metrics import MetricsLog, StepStats
 from student_train.model import DistillModule, hidden_size, init_from_teacher, student_config
-from teacher_cache.store import TEACHER_DIR, CacheReader
-from teacher_cache.teacher import tokenizer_sha256, weights_sha256
 
 log = logging.getLogger(__name__)
 SUMMARY_FILE = "summary.json"
+LOSS_TERMS = ("kd", "mlm", "cos")
 
 
 class Trainer:
@@ -55,7 +59,10 @@ class Trainer:
 
     def setup(self) -> None:
         self._check_run_dir()
-        self._setup_distributed()
+        self.rank, self.world, self.device = init_training()
+        self.cpu = self.device.type == "cpu"
+        self.precision = _resolve_precision(self.cfg.precision, self.cpu)
+        _seed_everything(self.cfg.seed)
         self._setup_cache_and_model()
         self._setup_data()
         self._setup_engine()
@@ -63,115 +70,71 @@ class Trainer:
         if self.resume:
             self._load_checkpoint()
 
-    def _setup_distributed(self) -> None:
-        self.cpu = not torch.cuda.is_available()
-        if self.cpu:
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        if "RANK" not in os.environ:  # one process without a launcher
-            os.environ.update(
-                RANK="0",
-                LOCAL_RANK="0",
-                WORLD_SIZE="1",
-                LOCAL_WORLD_SIZE="1",
-                MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(_free_port()),
-            )
-        import deepspeed
-
-        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-        if not torch_dist.is_initialized():
-            deepspeed.init_distributed(dist_backend="gloo" if self.cpu else "nccl")
-            # one group per process, destroyed at exit: DeepSpeed caches group handles globally, so a
-            # second run in the same process (tests, notebooks) must reuse the group, not recreate it
-            atexit.register(_destroy_process_group)
-        self.rank, self.world = torch_dist.get_rank(), torch_dist.get_world_size()
-        if self.cpu:
-            self.device = torch.device("cpu")
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", self.world))))
-        else:
-            self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(self.device)
-        p = self.cfg.precision
-        if p == "auto":
-            p = "fp32" if self.cpu else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
-        if self.cpu and p == "fp16":
-            raise DistilcacheError("precision=fp16 is not supported on CPU; use fp32 or bf16")
-        self.precision = p
-        _seed_everything(self.cfg.seed)
-
     def _setup_cache_and_model(self) -> None:
         from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 
         cfg = self.cfg
-        self.reader = CacheReader(cfg.cache)
-        teacher_dir = self.reader.path / TEACHER_DIR
+        self.reader = CacheReader(cfg.cache, lease=True, **reader_options(cfg.data))
+        teacher_dir = self.reader.teacher_dir()
         self.teacher_config = AutoConfig.from_pretrained(teacher_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
         config = student_config(cfg.student, self.teacher_config)
         problems = check_cache(self.reader, cfg, config, tokenizer_sha256(self.tokenizer), self.online)
         if problems:
-            raise DistilcacheError(f"cache {self.reader.path} does not fit this run: " + "; ".join(problems))
+            raise DistilcacheError(f"cache {self.reader.url} does not fit this run: " + "; ".join(problems))
         advice = None if self.online else kd_mode_advice(self.reader, cfg)
         if advice and self.rank == 0:
             log.warning("%s", advice)
-        manifest = self.reader.manifest
         student = AutoModelForMaskedLM.from_config(config)
         if cfg.student.init == "teacher" or self.online:
             teacher = self._load_teacher(AutoModelForMaskedLM)
             if cfg.student.init == "teacher":
-                self.layer_map = init_from_teacher(student, teacher.state_dict(), self.teacher_config)
-                log.info("student: init from teacher layers %s", self.layer_map)
+                layer_map = init_from_teacher(student, teacher.state_dict(), self.teacher_config)
+                log.info("student: init from teacher layers %s", layer_map)
             if self.online:
                 dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
                 self.teacher = teacher.to(self.device, dtype).eval().requires_grad_(False)
-        self.module = DistillModule(student, manifest["teacher"]["hidden_size"])
-        kd_exact = cfg.loss.kd_mode == "exact" and cfg.loss.alpha_ce > 0 and not self.online
-        self.head = cache_head(self.reader, self.device) if kd_exact or self.reader.manifest["head"] else None
+        self.module = DistillModule(student, self.reader.settings.teacher.hidden_size)
+        self.head = self.reader.head(self.device)  # exact KD, and exact KL in evaluation
         self.head_dtype = resolve_head_dtype(cfg.loss.exact_head_dtype, self.device)
-        # evaluation keeps the fp32 head; exact KD multiplies in head_dtype (a copy where that differs)
-        low = kd_exact and self.head_dtype != torch.float32
-        self.kd_head = copy.deepcopy(self.head).to(self.head_dtype) if low else self.head
-        n_params = sum(p.numel() for p in student.parameters())
+        self.exact = None
+        if cfg.loss.kd_mode == "exact" and cfg.loss.alpha_ce > 0 and not self.online:
+            low = self.head_dtype != torch.float32  # a low-precision copy: evaluation keeps the fp32 head
+            kd_head = copy.deepcopy(self.head).to(self.head_dtype) if low else self.head
+            self.exact = losses.ExactHead(kd_head, self.head_dtype, cfg.loss.exact_chunk_tokens)
         log.info(
             "student: %s, %d layers, width %d, %.1fM parameters",
             config.model_type,
             getattr(config, "n_layers", getattr(config, "num_hidden_layers", 0)),
             hidden_size(config),
-            n_params / 1e6,
+            sum(p.numel() for p in student.parameters()) / 1e6,
         )
 
     def _load_teacher(self, auto_cls) -> torch.nn.Module:
         """The teacher's weights (to initialise the student, or to run online), hash-checked."""
-        manifest = self.reader.manifest
-        name = self.cfg.student.teacher or manifest["teacher"]["name"]
+        cached = self.reader.settings.teacher
+        name = self.cfg.student.teacher or cached.name
         try:
             teacher = auto_cls.from_pretrained(name)
         except (OSError, ValueError):
             raise DistilcacheError(
-                f"teacher weights {name!r} not found (needed for student.init=teacher or "
-                "--online-teacher); set student.teacher to their location or use "
-                "student.init=random"
+                f"teacher weights {name!r} not found (needed for student.init=teacher or --online-teacher); "
+                "set student.teacher to their location or use student.init=random"
             ) from None
         digest = weights_sha256(teacher)
-        if digest != manifest["teacher"]["weights_sha256"]:
+        if digest != cached.weights_sha256:
             raise DistilcacheError(
                 f"teacher weights at {name!r} hash to {digest[:12]} but the cache was built from "
-                f"{manifest['teacher']['weights_sha256'][:12]}; point student.teacher at the "
-                "cached teacher"
+                f"{cached.weights_sha256[:12]}; point student.teacher at the cached teacher"
             )
         return teacher
 
     def _setup_data(self) -> None:
         cfg, loss = self.cfg, self.cfg.loss
-        temps = [float(t) for t in self.reader.identity["outputs"]["temperatures"]]
-        kd = not self.online and loss.alpha_ce > 0
-        topk = kd and loss.kd_mode in ("topk_tail", "topk_renorm")
-        fields = Fields(
-            topk=topk,
-            hidden=not self.online and (loss.alpha_cos > 0 or (kd and loss.kd_mode == "exact")),
-            lse_column=temps.index(float(loss.temperature)) if topk else None,
-            samples=kd and loss.kd_mode == "sampled",
-            topk_limit=loss.topk,
+        kd = KD_MODES[loss.kd_mode] if not self.online and loss.alpha_ce > 0 else None
+        cosine = not self.online and loss.alpha_cos > 0
+        fields = FieldSelection.for_run(
+            self.reader.settings, set(self.reader.fields), kd, cosine, loss.temperature, loss.topk
         )
         streams = cfg.data.streams or self.world
         try:
@@ -221,21 +184,17 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
             (self.run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
-            (self.run_dir / "run.json").write_text(
-                json.dumps(
-                    {
-                        "cache": str(self.reader.path),
-                        "cache_fingerprint": self.reader.manifest["fingerprint"],
-                        "online_teacher": self.online,
-                        "world_size": self.world,
-                        "precision": self.precision,
-                        "exact_head_dtype": str(self.head_dtype).removeprefix("torch."),
-                        "total_steps": self.total_steps,
-                        "versions": library_versions(),
-                    },
-                    indent=2,
-                )
-            )
+            run = {
+                "cache": self.reader.url,
+                "cache_fingerprint": self.reader.settings.fingerprint,
+                "online_teacher": self.online,
+                "world_size": self.world,
+                "precision": self.precision,
+                "exact_head_dtype": str(self.head_dtype).removeprefix("torch."),
+                "total_steps": self.total_steps,
+                "versions": library_versions(),
+            }
+            (self.run_dir / "run.json").write_text(json.dumps(run, indent=2))
         self.metrics = MetricsLog(self.run_dir, enabled=self.rank == 0)
 
     # ----------------------------------------------------------------------------- training
@@ -245,19 +204,12 @@ class Trainer:
         alphas = (cfg.loss.alpha_ce, cfg.loss.alpha_mlm, cfg.loss.alpha_cos)
         stats = StepStats(self.total_steps, alphas, start_step=self.step)
         batches = iter(self.batches)
-        bar = tqdm(
-            total=self.total_steps,
-            initial=self.step,
-            unit="step",
-            dynamic_ncols=True,
-            disable=self.rank != 0 or not os.isatty(2),
-            desc="train-student",
-        )
+        tty = self.rank == 0 and os.isatty(2)
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", disable=not tty, desc="train-student")
         self.engine.train()
         while self.step < self.total_steps:
             sums = torch.zeros(7, dtype=torch.float64)
-            t_step = time.perf_counter()
-            wait = 0.0
+            t_step, wait = time.perf_counter(), 0.0
             for _ in range(accum):
                 t0 = time.perf_counter()
                 batch = next(batches)
@@ -268,14 +220,15 @@ class Trainer:
                 sums += parts
             self.step += 1
             if self.world > 1:
-                torch_dist.all_reduce(sums)  # global sums for the log line
-            record = stats.update(
-                self.step, sums, self.engine.get_lr()[0], time.perf_counter() - t_step, wait, self.batches.state_dict()
-            )
+                torch_dist.all_reduce(sums)  # global sums: every rank stops together on a bad loss
+            _check_finite(self.step, sums)
+            lr, skipped = self.engine.get_lr()[0], int(getattr(self.engine, "skipped_steps", 0))
+            elapsed = time.perf_counter() - t_step
+            record = stats.update(self.step, sums, lr, elapsed, wait, self.batches.state_dict(), skipped)
             self.metrics.write(record)
             bar.update(1)
             if self.rank == 0 and (self.step % cfg.log_every == 0 or self.step == self.total_steps):
-                (bar.write if not bar.disable else log.info)(stats.line(record))
+                (bar.write if tty else log.info)(stats.line(record))
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
                 self._evaluate()
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
@@ -289,9 +242,7 @@ class Trainer:
         if self.rank == 0:
             log.info("%s", stats.summary_text(summary, table(result) if result else None))
             # written last: its presence marks a finished run (pipeline ablate skips those)
-            tmp = self.run_dir / f"{SUMMARY_FILE}.tmp"
-            tmp.write_text(json.dumps(summary | {"config": to_dict(self.cfg)}, indent=2))
-            tmp.replace(self.run_dir / SUMMARY_FILE)
+            write_json_atomic(self.run_dir / SUMMARY_FILE, summary | {"config": to_dict(self.cfg)})
         return summary
 
     def _loss_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -308,28 +259,19 @@ class Trainer:
             torch_dist.all_reduce(global_counts)
         n_kd, n_mlm, n_cos, _ = (max(float(c), 1.0) for c in global_counts)
         logits, hidden = self.engine(ids, valid.long())
-        t_logits = t_hidden = None
+        t_logits, t_hidden = None, b.get("hidden")
         if self.teacher is not None:
             with torch.no_grad():
                 out = self.teacher(input_ids=ids, attention_mask=valid.long(), output_hidden_states=True)
             t_logits, t_hidden = out.logits, out.hidden_states[-1]
-        elif "hidden" in b:
-            t_hidden = b["hidden"]
-        zero = logits.new_zeros((), dtype=torch.float32)
-        kd = mlm = cos = zero
+        kd = mlm = cos = logits.new_zeros((), dtype=torch.float32)
         if lcfg.alpha_ce > 0:
             at = _selector(kd_at)
-            s, T = at(logits), lcfg.temperature
             if t_logits is not None:
-                per_token = losses.kd_full(s, at(t_logits), T)
-            elif lcfg.kd_mode == "exact":
-                per_token = losses.kd_exact(s, at(t_hidden), self.kd_head, T, lcfg.exact_chunk_tokens, self.head_dtype)
-            elif lcfg.kd_mode == "sampled":
-                per_token = losses.kd_sampled(s, at(b["sample_ids"]), at(b["sample_counts"]), T)
-            elif lcfg.kd_mode == "topk_tail":
-                per_token = losses.kd_topk_tail(s, at(b["topk_values"]), at(b["topk_indices"]), at(b["lse"]), T)
+                per_token = losses.kd_full(at(logits), at(t_logits), lcfg.temperature)
             else:
-                per_token = losses.kd_topk_renorm(s, at(b["topk_values"]), at(b["topk_indices"]), T)
+                teacher = {name: at(b[name]) for name in KD_MODES[lcfg.kd_mode].fields if name in b}
+                per_token = losses.KD_LOSSES[lcfg.kd_mode](at(logits), teacher, lcfg.temperature, self.exact)
             kd = per_token.sum()
         if lcfg.alpha_mlm > 0 and bool(masked.any()):
             mlm = torch.nn.functional.cross_entropy(logits[masked].float(), labels[masked], reduction="sum")
@@ -344,13 +286,10 @@ class Trainer:
         if self.eval_rows is None:
             return None
         self.engine.eval()
+        outputs = self.reader.settings.outputs
+        forward = lambda ids, att: self.engine(ids, att)  # noqa: E731
         result = evaluate(
-            lambda ids, att: self.engine(ids, att),
-            self.eval_rows,
-            self.head,
-            self.reader.identity["outputs"]["logit_positions"],
-            self.cfg.data.micro_batch_size,
-            self.device,
+            forward, self.eval_rows, self.head, outputs.logit_positions, self.cfg.data.micro_batch_size, self.device
         )
         self.engine.train()
         self.metrics.write({"step": self.step, "eval": result})
@@ -361,86 +300,59 @@ class Trainer:
     # ----------------------------------------------------------------------------- checkpoints
 
     def save_checkpoint(self) -> Path:
-        """DeepSpeed checkpoint + client state (step, data position, config) + this rank's RNG state."""
-        directory = self.run_dir / "checkpoints"
-        tag = f"step-{self.step:07d}"
+        """DeepSpeed checkpoint + client state (step, data position, config) + every rank's RNG state."""
         client = {"step": self.step, "data": self.batches.state_dict(), "config": to_dict(self.cfg)}
-        self.engine.save_checkpoint(str(directory), tag=tag, client_state=client)
-        torch.save(_rng_state(), directory / tag / f"rng-rank{self.rank}.pt")
-        torch_dist.barrier()
-        if self.rank == 0:
-            for old in sorted(directory.glob("step-*"))[: -self.cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-        return directory / tag
-
-    def _load_checkpoint(self) -> None:
         directory = self.run_dir / "checkpoints"
-        if not (directory / "latest").is_file():
-            raise DistilcacheError(f"--resume: no checkpoint in {directory}; start without --resume")
-        tag = (directory / "latest").read_text().strip()
-        path, client = self.engine.load_checkpoint(str(directory), tag=tag)
-        if path is None:
-            raise DistilcacheError(f"--resume: cannot load the checkpoint {directory / tag}")
-        self.step = client["step"]
-        self.batches.load_state_dict(client["data"])
-        path = directory / tag
-        rng = path / f"rng-rank{self.rank}.pt"
-        if not rng.is_file():
-            raise DistilcacheError(
-                f"--resume: {rng} missing (the checkpoint was written by another number "
-                "of processes); resume with the same launcher settings"
-            )
-        _set_rng_state(torch.load(rng, weights_only=False))
-        self.metrics.truncate(self.step)
-        log.info(
-            "resumed from %s at step %d (epoch %d, batch %d)",
-            path,
-            self.step,
-            client["data"]["epoch"],
-            client["data"]["batch"],
+        return checkpoint.save(
+            self.engine, directory, self.step, client, self.rank, self.world, self.cfg.keep_checkpoints
         )
 
-    def export(self) -> Path:
-        """Consolidate the fp32 weights (ZeRO-3 shards included) into a save_pretrained directory."""
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        from safetensors.torch import save_file
-        from transformers import AutoModelForMaskedLM
+    def _load_checkpoint(self) -> None:
+        path, record = checkpoint.resumable(self.run_dir / "checkpoints")
+        diff = checkpoint.resume_diff(record["config"], to_dict(self.cfg))
+        if diff:
+            raise DistilcacheError(
+                f"--resume: the config differs from the checkpoint's in keys that change the run ({'; '.join(diff)}); "
+                "resume with the checkpoint's config, or start a new run with --overwrite"
+            )
+        if record["world_size"] != self.world:
+            raise DistilcacheError(
+                f"--resume: the checkpoint was written by {record['world_size']} process(es), this run has "
+                f"{self.world}; resume with the same launcher settings"
+            )
+        loaded, _ = self.engine.load_checkpoint(str(path.parent), tag=path.name)
+        if loaded is None:
+            raise DistilcacheError(f"--resume: cannot load the checkpoint {path}")
+        self.step = record["step"]
+        self.batches.load_state_dict(record["data"])
+        checkpoint.load_rng(path, self.rank)
+        self.metrics.truncate(self.step)
+        epoch, batch = record["data"]["epoch"], record["data"]["batch"]
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, epoch, batch)
 
+    def export(self) -> Path:
         out = self.run_dir / "final"
         if self.rank == 0:
-            state = get_fp32_state_dict_from_zero_checkpoint(
-                str(self.run_dir / "checkpoints"), tag=f"step-{self.step:07d}"
-            )
-            student = AutoModelForMaskedLM.from_config(self.module.student.config)
-            student.load_state_dict(
-                {k[len("student.") :]: v for k, v in state.items() if k.startswith("student.")}, strict=False
-            )
-            student.tie_weights()
-            shutil.rmtree(out, ignore_errors=True)
-            student.save_pretrained(out)
-            self.tokenizer.save_pretrained(out)
-            projection = {
-                k[len("projection.") :]: v.contiguous() for k, v in state.items() if k.startswith("projection.")
-            }
-            if projection:
-                save_file(projection, str(out / "distill_projection.safetensors"))
-            (out / "distill.json").write_text(
-                json.dumps(
-                    {
-                        "cache": str(self.reader.path),
-                        "step": self.step,
-                        "cache_fingerprint": self.reader.manifest["fingerprint"],
-                        "config": to_dict(self.cfg),
-                    },
-                    indent=2,
-                )
-            )
+            config = self.module.student.config
+            out = export_student(self.run_dir, self.step, config, self.tokenizer, self.reader, self.cfg)
         torch_dist.barrier()
         return out
 
     def cleanup(self) -> None:
         if hasattr(self, "metrics"):  # setup may have failed before the run directory existed
             self.metrics.close()
+        if hasattr(self, "reader"):
+            self.reader.close()
+
+
+def _check_finite(step: int, sums: torch.Tensor) -> None:
+    """Stop at the first non-finite loss term, before any checkpoint could keep its weights."""
+    for name, value in zip(LOSS_TERMS, sums[:3].tolist(), strict=True):
+        if not math.isfinite(value):
+            raise DistilcacheError(
+                f"the {name} loss is {value} at step {step}; nothing was saved from this step: lower optim.lr, "
+                "check the cache with `pipeline verify`, or use precision=fp32"
+            )
 
 
 def _selector(positions: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -450,6 +362,13 @@ def _selector(positions: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]
     if bool(positions.all()):
         return lambda x: x.flatten(0, 1)
     return lambda x: x[positions]
+
+
+def _resolve_precision(spec: str, cpu: bool) -> str:
+    p = spec if spec != "auto" else ("fp32" if cpu else ("bf16" if torch.cuda.is_bf16_supported() else "fp16"))
+    if cpu and p == "fp16":
+        raise DistilcacheError("precision=fp16 is not supported on CPU; use fp32 or bf16")
+    return p
 
 
 def resolve_head_dtype(spec: str, device: torch.device) -> torch.dtype:
@@ -465,36 +384,10 @@ def resolve_head_dtype(spec: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if native else torch.float32
 
 
-def _destroy_process_group() -> None:
-    if torch_dist.is_initialized():
-        torch_dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def run_train(cfg: TrainConfig, online_teacher: bool = False, resume: bool = False, overwrite: bool = False) -> dict:

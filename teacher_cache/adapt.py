@@ -13,6 +13,7 @@ import importlib.metadata
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -21,14 +22,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from cache_format.hashing import tokenizer_sha256, weights_sha256
+from cache_format.head import find_head
+from cache_format.rng import STREAM_SHUFFLE, permutation
 from pipeline.config import to_dict
 from pipeline.errors import DistilcacheError
 from teacher_cache.config import AdaptConfig
 from teacher_cache.corpus import PackedSplit, prepare_corpus
-from teacher_cache.head import find_head
 from teacher_cache.masking import IGNORE_INDEX, make_spec, mask_batch
-from teacher_cache.rng import STREAM_SHUFFLE, permutation
-from teacher_cache.teacher import tokenizer_sha256, weights_sha256
 
 log = logging.getLogger(__name__)
 INFO_FILE = "adapt.json"
@@ -158,9 +159,21 @@ def _masked(packed: PackedSplit, rows: np.ndarray, view: int, seed: int, spec):
     )
 
 
-def run_adapt(cfg: AdaptConfig) -> Path:
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Only a directory adapt-teacher wrote itself (its INFO_FILE marks it) is ever replaced."""
+    if out.exists() and not out.is_dir():
+        raise DistilcacheError(f"adapt.output_dir {out} is a file; choose a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / INFO_FILE).is_file() and not overwrite:
+        raise DistilcacheError(
+            f"adapt.output_dir {out} holds files adapt-teacher did not write; choose another output_dir, "
+            "or pass --overwrite to replace them"
+        )
+
+
+def run_adapt(cfg: AdaptConfig, overwrite: bool = False) -> Path:
     """Adapt `cfg.base` into a masked-LM teacher at `cfg.output_dir` (reused when up to date)."""
     out = Path(cfg.output_dir).expanduser()
+    check_output_dir(out, overwrite)
     base_dir = resolve_base(cfg.base)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -216,8 +229,7 @@ def run_adapt(cfg: AdaptConfig) -> Path:
         seconds,
         loss,
     )
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     info = {
@@ -234,9 +246,12 @@ def run_adapt(cfg: AdaptConfig) -> Path:
         "final_loss": loss,
         "config": to_dict(cfg),
     }
-    (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))  # the marker: written last
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)  # away first, so that no reader sees a half-deleted teacher
+        shutil.rmtree(old, ignore_errors=True)
+    os.replace(tmp, out)
     return out
 
 

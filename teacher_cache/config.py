@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
-DEFAULT_CACHE_DIR = os.environ.get("DISTILCACHE_HOME", "~/.cache/distilcache")
+from cache_format.settings import DEFAULT_CACHE_DIR, MaskingConfig, OutputsConfig
 
 
 @dataclass
@@ -68,37 +67,6 @@ class CorpusConfig:
 
 
 @dataclass
-class MaskingConfig:
-    """BERT masking, applied deterministically per (seed, view, sequence)."""
-
-    mask_prob: float = 0.15
-    """Fraction of candidate (non-special) tokens chosen as prediction targets."""
-    mask_token_prob: float = 0.8
-    """Of the chosen tokens, the fraction replaced by the mask token."""
-    random_token_prob: float = 0.1
-    """Of the chosen tokens, the fraction replaced by a random token (the rest stay unchanged)."""
-    smoothing: float = 0.0
-    """DistilBERT token-frequency smoothing: choose tokens with weight count^-smoothing (0.7 in the paper;
-    0 = uniform)."""
-    views: int = 1
-    """Independently masked copies of every sequence (a fixed-seed stand-in for dynamic masking)."""
-
-    def check(self) -> list[str]:
-        problems = []
-        if not 0.0 < self.mask_prob < 1.0:
-            problems.append(f"mask_prob: {self.mask_prob} must be in (0, 1)")
-        if self.mask_token_prob < 0 or self.random_token_prob < 0:
-            problems.append("mask_token_prob/random_token_prob: must be non-negative")
-        if self.mask_token_prob + self.random_token_prob > 1.0:
-            problems.append("mask_token_prob + random_token_prob must not exceed 1")
-        if self.smoothing < 0:
-            problems.append(f"smoothing: {self.smoothing} must be >= 0")
-        if not 1 <= self.views <= 255:
-            problems.append(f"views: {self.views} must be between 1 and 255")
-        return problems
-
-
-@dataclass
 class TeacherConfig:
     """The masked LM that is run once, and how it runs."""
 
@@ -132,54 +100,16 @@ class TeacherConfig:
 
 
 @dataclass
-class OutputsConfig:
-    """What is cached per token."""
-
-    k: int = 64
-    """Top-k teacher logits kept per position (logits: topk or both)."""
-    temperatures: list[float] = field(default_factory=lambda: [1.0, 2.0])
-    """Temperatures at which the full-vocabulary log-sum-exp is stored (exact tail mass)."""
-    logit_positions: Literal["all", "masked"] = "all"
-    """Positions with cached logits: every non-pad token (DistilBERT) or masked tokens only."""
-    logits_dtype: Literal["float16", "bfloat16"] = "float16"
-    """Storage dtype of the top-k logit values."""
-    hidden_dtype: Literal["float16", "int8", "float32"] = "int8"
-    """Storage of last hidden states: int8 with a per-token float16 scale (half the bytes of float16; the
-    teacher's logits rebuilt from them move by a KL of ~2e-5, README "Fidelity"), float16, or float32."""
-    logits: Literal["none", "topk", "sampled", "both"] = "none"
-    """Sparse teacher logits besides the hidden states: `none` (stage two's `exact` KD rebuilds the full
-    logits from the hidden states through the cached head: no extra bytes), top-k with the log-sum-exp
-    (`topk`), tokens sampled from the teacher's distribution with their counts (`sampled`, RS-KD,
-    Anshumann et al. 2025), or both."""
-    n_samples: int = 64
-    """Draws per position with logits: sampled (with replacement; distinct ids stored with counts)."""
-    sample_temperature: float = 1.0
-    """Temperature of the teacher distribution the samples are drawn from (= the KD temperature
-    that stage two's `sampled` mode uses)."""
-
-    def check(self) -> list[str]:
-        problems = []
-        if self.k < 1:
-            problems.append(f"k: {self.k} must be at least 1")
-        if not 1 <= self.n_samples <= 65535:
-            problems.append(f"n_samples: {self.n_samples} must be in [1, 65535]")
-        if self.sample_temperature <= 0:
-            problems.append(f"sample_temperature: {self.sample_temperature} must be positive")
-        if not self.temperatures:
-            problems.append("temperatures: give at least one, e.g. [1.0, 2.0]")
-        if any(t <= 0 for t in self.temperatures):
-            problems.append(f"temperatures: {self.temperatures} must all be positive")
-        if len(set(self.temperatures)) != len(self.temperatures):
-            problems.append(f"temperatures: {self.temperatures} has duplicates")
-        return problems
-
-
-@dataclass
 class StoreConfig:
     """Where the cache goes and how it is laid out on disk."""
 
     output: str | None = None
-    """Cache path; null derives <cache_dir>/<teacher>-<fingerprint> so the same config reuses it."""
+    """Cache location: a path, file://PATH, or an object-store URL (s3://bucket/prefix, gs://, az://); null
+    derives <cache_dir>/<teacher>-<fingerprint> so the same config reuses it."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """Object-store options beside the standard environment (AWS_*, AWS_ENDPOINT_URL, GOOGLE_*, AZURE_*):
+    e.g. {endpoint: http://minio:9000, region: us-east-1, allow_http: true, skip_signature: true}. Never
+    part of the fingerprint or the manifest."""
     cache_dir: str = DEFAULT_CACHE_DIR
     """Root for derived cache paths and the packed-corpus cache ($DISTILCACHE_HOME overrides the default)."""
     block_rows: int = 32
@@ -220,6 +150,8 @@ class CacheConfig:
 
     def check(self) -> list[str]:
         problems = []
+        if not 0 <= self.seed < 2**64:
+            problems.append(f"seed: {self.seed} must be in [0, 2^64) (the counter-based hash takes 64 bits)")
         for key in ("max_sequences", "max_eval_sequences"):
             value = getattr(self, key)
             if value is not None and value < 1:
@@ -264,6 +196,8 @@ class AdaptConfig:
 
     def check(self) -> list[str]:
         problems = []
+        if not 0 <= self.seed < 2**32:
+            problems.append(f"seed: {self.seed} must be in [0, 2^32) (torch's and numpy's seed range)")
         for key in ("steps", "batch_size", "eval_sequences"):
             if getattr(self, key) < 1:
                 problems.append(f"{key}: must be at least 1")

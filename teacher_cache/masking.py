@@ -12,10 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from teacher_cache.rng import STREAM_ACTION, STREAM_RANDOM, STREAM_SELECT, uniforms
-
-IGNORE_INDEX = -100
-"""Label of positions that are not prediction targets (the Hugging Face convention)."""
+from cache_format.rng import STREAM_ACTION, STREAM_RANDOM, STREAM_SELECT, uniforms
+from cache_format.settings import IGNORE_INDEX
 
 
 def token_counts(sequences: np.ndarray, vocab_size: int) -> np.ndarray:

@@ -3,36 +3,16 @@
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 
 import torch
 
+from cache_format.encode import decode_hidden, decode_values, teacher_top1
+from cache_format.kd_modes import KD_MODES, kd_advice, topk_mass
+from cache_format.reader import CacheReader
+from cache_format.settings import IGNORE_INDEX
+from cache_format.store import CacheStore
 from pipeline.log import human_bytes, human_time
-from teacher_cache.encode import decode_hidden, decode_values, teacher_top1
-from teacher_cache.head import HEAD_FILE, load_head
-from teacher_cache.masking import IGNORE_INDEX
-from teacher_cache.store import TEACHER_DIR, CacheReader, CacheStore
-
-
-def counts(store: CacheStore, records: dict) -> dict:
-    """Per split: sequences, rows, tokens, positions with logits, seconds; per field: bytes."""
-    layouts, fields = store.layouts(), store.fields()
-    out: dict = {"splits": {}, "fields": {}}
-    for name, lay in layouts.items():
-        recs = [r for (s, _), r in records.items() if s == name]
-        out["splits"][name] = {
-            "sequences": lay.sequences,
-            "views": lay.views,
-            "rows": lay.rows,
-            "shards": lay.shards,
-            "tokens": sum(r["tokens"] for r in recs),
-            "logit_positions": sum(r["logit_positions"] for r in recs),
-            "teacher_seconds": round(sum(r["seconds"] for r in recs), 3),
-        }
-    for f in fields:
-        stored = sum(r["files"][f.name]["bytes"] for r in records.values())
-        raw = sum(f.row_bytes * (r["rows"][1] - r["rows"][0]) for r in records.values())
-        out["fields"][f.name] = {"bytes": stored, "raw_bytes": raw}
-    return out
 
 
 def size_rows(manifest: dict) -> list[tuple[str, int, float, float]]:
@@ -44,23 +24,15 @@ def size_rows(manifest: dict) -> list[tuple[str, int, float, float]]:
     ]
 
 
-KD_MODE_FIELDS = {
-    "topk_tail / topk_renorm": ("topk_values", "topk_indices", "logsumexp"),
-    "sampled": ("sample_ids", "sample_counts"),
-    "exact": ("hidden", "hidden_scale"),
-}
-"""The teacher fields each stage-two KD mode reads for its logits term (ids, labels and, for the
-cosine loss, hidden states are read whatever the mode)."""
-
-
 def storage_by_mode(manifest: dict) -> list[tuple[str, float]]:
-    """(KD mode, bytes per token of its teacher-logit fields) for the modes this cache serves."""
+    """(KD mode, bytes per token of the teacher fields its KD term reads) for the modes this cache
+    holds the fields of (ids, labels and the hidden states of the cosine loss come on top)."""
     per_token = {name: b for name, _, b, _ in size_rows(manifest)}
-    rows = []
-    for mode, names in KD_MODE_FIELDS.items():
-        if names[0] in per_token:
-            rows.append((mode, sum(per_token.get(n, 0.0) for n in names)))
-    return rows
+    return [
+        (mode.name, sum(per_token.get(n, 0.0) for n in mode.fields))
+        for mode in KD_MODES.values()
+        if mode.fields[0] in per_token
+    ]
 
 
 def summary(store: CacheStore) -> str:
@@ -75,7 +47,7 @@ def summary(store: CacheStore) -> str:
     full = positions * m["teacher"]["vocab_size"] * 4
     lines = [
         "cache-teacher summary",
-        f"  cache       {store.path}",
+        f"  cache       {store.url}",
         "  sequences   " + ", ".join(f"{n} {s['sequences']:,} x {s['views']} view(s)" for n, s in splits.items()),
         f"  tokens      {tokens:,} ({positions:,} with cached logits)",
         f"  wall time   {human_time(seconds)}   {tokens / max(seconds, 1e-9):,.0f} tokens/s",
@@ -96,11 +68,6 @@ def _wall_seconds(manifest: dict) -> float:
     shards = manifest["shards"]
     first = min(s["committed"] - s["seconds"] for s in shards)
     return max(s["committed"] for s in shards) - first
-
-
-def topk_mass(values: torch.Tensor, lse: torch.Tensor, temperature: float) -> torch.Tensor:
-    """(...,) probability the teacher's cached top-k hold at T, from (..., k) values and (...,) lse_T."""
-    return torch.exp(values / temperature - lse[..., None]).sum(-1)
 
 
 @torch.no_grad()
@@ -128,17 +95,17 @@ def teacher_stats(reader: CacheReader, split: str = "train", sample_rows: int = 
     """Per cached temperature: mean top-k probability mass at all and at masked positions (from the
     cached top-k and log-sum-exp, or from logits rebuilt by the cached head when the cache keeps no
     top-k) and exact entropy quantiles at masked positions (head); the masked-token accuracy."""
-    outputs = reader.identity["outputs"]
-    temps, k = [float(t) for t in outputs["temperatures"]], int(outputs["k"])
+    outputs = reader.settings.outputs
+    temps, k = [float(t) for t in outputs.temperatures], outputs.k
     data = reader.read_rows(split, 0, min(sample_rows, reader.layouts[split].rows))
     labels = torch.from_numpy(data["labels"]).long()
     valid = torch.arange(labels.shape[1])[None, :] < torch.from_numpy(data["lengths"])[:, None]
     masked = labels != IGNORE_INDEX
-    head = load_head(reader.path / TEACHER_DIR) if (reader.path / TEACHER_DIR / HEAD_FILE).is_file() else None
+    head = reader.head()
     out: dict = {"rows": int(labels.shape[0]), "k": k, "temperatures": {}, "masked_accuracy": math.nan}
     rebuilt = None
     if head is not None:
-        hidden = decode_hidden(data["hidden"], data.get("hidden_scale"), outputs["hidden_dtype"])
+        hidden = decode_hidden(data["hidden"], data.get("hidden_scale"), outputs.hidden_dtype)
         rebuilt = rebuilt_stats(head, hidden[valid], k, temps)
     at_masked = masked[valid]
     if "topk_indices" in data or "sample_ids" in data:
@@ -147,11 +114,11 @@ def teacher_stats(reader: CacheReader, split: str = "train", sample_rows: int = 
         top1 = rebuilt["top1"][at_masked] if rebuilt is not None else None
     if top1 is not None and masked.any():
         out["masked_accuracy"] = float((top1 == labels[masked]).float().mean())
-    cached = valid if outputs["logit_positions"] == "all" else masked
+    cached = valid if outputs.logit_positions == "all" else masked
     for j, t in enumerate(temps):
         entry = {"topk_mass_all": math.nan, "topk_mass_masked": math.nan}
         if "topk_values" in data:
-            values = decode_values(data["topk_values"], outputs["logits_dtype"])  # (n, L, k)
+            values = decode_values(data["topk_values"], outputs.logits_dtype)  # (n, L, k)
             mass = topk_mass(values, torch.from_numpy(data["logsumexp"][..., j]), t)  # (n, L)
             entry["topk_mass_all"] = float(mass[cached].mean())
             entry["topk_mass_masked"] = float(mass[masked].mean()) if masked.any() else math.nan
@@ -165,38 +132,21 @@ def teacher_stats(reader: CacheReader, split: str = "train", sample_rows: int = 
     return out
 
 
-def kd_advice(outputs: dict, head: bool, temperature: float, mass_masked: float, mass_all: float) -> str:
-    """Which KD mode reproduces online distillation with this cache, given how much of the
-    teacher's mass its top-k hold at the KD temperature (README, "Fidelity")."""
-    faithful = []
-    if head:
-        faithful.append("loss.kd_mode=exact (exact logits from the cached hidden states: no extra bytes)")
-    if outputs.get("logits") in ("sampled", "both") and float(outputs["sample_temperature"]) == temperature:
-        faithful.append("loss.kd_mode=sampled (unbiased)")
-    use = "; use " + " or ".join(faithful) if faithful else "; recache with outputs.logits=sampled or a known head"
-    return (
-        f"top-{outputs['k']} holds {100 * mass_masked:.0f} % of the teacher's mass at masked positions at "
-        f"T = {temperature:g} ({100 * mass_all:.0f} % over all): topk_tail lumps the rest into one bucket and "
-        f"trains a measurably different student than online KD{use}"
-    )
-
-
 def inspect_text(reader: CacheReader, sample_rows: int = 256) -> str:
-    m = reader.manifest
+    m, st = reader.manifest, reader.settings
     assert m is not None
-    ident = m["identity"]
+    t = st.teacher
     lines = [
-        f"cache {reader.path}",
-        f"  format        {m['format']} v{m['format_version']}, fingerprint {m['fingerprint']}",
-        f"  teacher       {m['teacher']['name']} ({m['teacher']['model_type']}, {m['teacher']['num_layers']} layers, "
-        f"H={m['teacher']['hidden_size']}, V={m['teacher']['vocab_size']}, {m['teacher']['dtype']})",
-        f"  weights       sha256 {m['teacher']['weights_sha256'][:16]}..."
-        f"   tokenizer {m['tokenizer']['sha256'][:16]}...",
+        f"cache {reader.url}",
+        f"  format        {m['format']} v{st.format_version}, fingerprint {st.fingerprint}",
+        f"  teacher       {t.name} ({t.model_type}, {t.num_layers} layers, H={t.hidden_size}, V={t.vocab_size}, "
+        f"{t.dtype})",
+        f"  weights       sha256 {t.weights_sha256[:16]}...   tokenizer {st.tokenizer.sha256[:16]}...",
         f"  corpus        {m['config']['corpus']['source']} {', '.join(m['config']['corpus']['paths'])} "
         f"(fingerprint {m['corpus']['fingerprint'][:12]})",
-        f"  masking       {ident['masking']}  seed {ident['seed']}",
-        f"  outputs       {ident['outputs']}",
-        f"  head          {'cached (exact logits available)' if m['head'] else 'not cached'}",
+        f"  masking       {asdict(st.masking)}  seed {st.seed}",
+        f"  outputs       {asdict(st.outputs)}",
+        f"  head          {'cached (exact logits available)' if st.head else 'not cached'}",
         f"  built         {m['created']} -> {m['completed']} with torch {m['versions']['torch']}, "
         f"transformers {m['versions']['transformers']}, zarr {m['versions']['zarr']}",
         "",
@@ -209,12 +159,11 @@ def inspect_text(reader: CacheReader, sample_rows: int = 256) -> str:
         f"teacher statistics on {stats['rows']} train rows (masked-token accuracy {stats['masked_accuracy']:.3f})",
         f"  {'T':>5}{f'top-{k} mass (all)':>19}{f'top-{k} mass (masked)':>22}{'entropy masked p10/p50/p90':>30}",
     ]
-    for t, e in stats["temperatures"].items():
+    for temp, e in stats["temperatures"].items():
         ent = "/".join(f"{x:.2f}" for x in e.get("entropy_masked_p10_p50_p90", [])) or "n/a (no head)"
-        lines.append(f"  {t:>5}{e['topk_mass_all']:>19.3f}{e['topk_mass_masked']:>22.3f}{ent:>30}")
+        lines.append(f"  {temp:>5}{e['topk_mass_all']:>19.3f}{e['topk_mass_masked']:>22.3f}{ent:>30}")
     hot = max(stats["temperatures"], key=float)  # the highest cached T: where the top-k hold least
     e = stats["temperatures"][hot]
-    if ident["outputs"].get("logits", "topk") in ("topk", "both"):
-        advice = kd_advice(ident["outputs"], bool(m["head"]), float(hot), e["topk_mass_masked"], e["topk_mass_all"])
-        lines.append(f"  KD: {advice}")
+    if st.has_topk:
+        lines.append(f"  KD: {kd_advice(st, k, float(hot), e['topk_mass_masked'], e['topk_mass_all'])}")
     return "\n".join(lines)

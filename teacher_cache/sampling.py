@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from teacher_cache.rng import STREAM_SAMPLES, uniforms
+from cache_format.rng import STREAM_SAMPLES, uniforms
 
 
 def sample_uniforms(seed: int, sequence_index: np.ndarray, view: np.ndarray, length: int, n_samples: int) -> np.ndarray:

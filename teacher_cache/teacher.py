@@ -7,7 +7,6 @@ chunks over the selected positions only (see `topk.chunked_logit_stats`), so the
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -15,9 +14,10 @@ from pathlib import Path
 
 import torch
 
+from cache_format.hashing import tokenizer_sha256, weights_sha256
+from cache_format.head import find_head
 from pipeline.errors import DistilcacheError
 from teacher_cache.config import TeacherConfig
-from teacher_cache.head import find_head
 from teacher_cache.topk import chunked_logit_stats
 
 log = logging.getLogger(__name__)
@@ -195,21 +195,3 @@ def load_teacher(cfg: TeacherConfig) -> Teacher:
 
 def _short(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-
-
-def weights_sha256(model: torch.nn.Module) -> str:
-    """Hash of every parameter and buffer (name, dtype, shape, bytes), in name order."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        if t.numel():
-            digest.update(t.view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
-def tokenizer_sha256(tokenizer) -> str:
-    """Hash of the fast tokenizer's full definition (vocabulary, normaliser, special tokens)."""
-    digest = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
-    digest.update(repr(sorted(tokenizer.all_special_tokens)).encode())
-    return digest.hexdigest()

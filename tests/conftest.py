@@ -20,7 +20,7 @@ VOCAB = 300
 
 
 def _docstring_text() -> list[str]:
-    from teacher_cache.docstrings import iter_docstrings, stdlib_root
+    from teacher_cache.corpus.python_docs import iter_docstrings, stdlib_root
 
     docs: list[str] = []
     for package in ("json", "email", "http"):
@@ -159,4 +159,69 @@ def tiny_cache(assets, tmp_path_factory) -> Path:
         "outputs": {"k": 16, "hidden_dtype": "float32", "logits": "both", "n_samples": 16, "sample_temperature": 2.0},
         "store": {"cache_dir": str(root / "home"), "output": str(root / "cache"), "block_rows": 4, "shard_rows": 16},
     }
-    return run_cache(from_dict(CacheConfig, raw))
+    return Path(run_cache(from_dict(CacheConfig, raw)))
+
+
+@dataclass
+class S3:
+    endpoint: str
+    env: dict[str, str]
+    """What a process needs to reach the endpoint: the standard AWS variables."""
+
+    def bucket(self, name: str) -> str:
+        """A fresh bucket; its s3:// URL."""
+        import boto3
+
+        boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1").create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 HTTP endpoint (moto) on 127.0.0.1; its PutObject honours If-None-Match."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ALLOW_HTTP": "true",
+    }
+    yield S3(endpoint, env)
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch) -> S3:
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    return s3_server
+
+
+def cache_arrays(location) -> dict:
+    """Every array of a cache, read whole: (split, field) -> numpy array."""
+    from cache_format.reader import CacheReader
+
+    reader = CacheReader(location)
+    return {
+        (s, f): reader.read_rows(s, 0, lay.rows, [f])[f] for s, lay in reader.layouts.items() for f in reader.fields
+    }
+
+
+def assert_same_arrays(a, b) -> None:
+    """Two caches hold equal arrays, field for field (bit for bit)."""
+    import numpy as np
+
+    got, want = cache_arrays(a), cache_arrays(b)
+    assert got.keys() == want.keys()
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=str(key))

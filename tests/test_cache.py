@@ -3,6 +3,7 @@
 import copy
 import errno
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -10,18 +11,20 @@ import pytest
 import torch
 from transformers import AutoModelForMaskedLM
 
+from cache_format.encode import decode_hidden, decode_values
+from cache_format.head import load_head
+from cache_format.layout import split_seed
+from cache_format.reader import CacheReader
+from cache_format.storage import LocalStorage
+from cache_format.store import CacheError, CacheStore
+from cache_format.verify import verify_cache
 from pipeline.config import apply_mapping, from_dict
 from student_train.evaluate import load_rows
 from teacher_cache.config import CacheConfig
 from teacher_cache.corpus import prepare_corpus
-from teacher_cache.encode import decode_hidden, decode_values
-from teacher_cache.head import load_head
-from teacher_cache.layout import split_seed
 from teacher_cache.masking import IGNORE_INDEX, make_spec, mask_batch
 from teacher_cache.run import run_cache
 from teacher_cache.sampling import sample_counts, sample_uniforms
-from teacher_cache.store import CacheError, CacheReader, CacheStore
-from teacher_cache.verify import verify_cache
 
 pytestmark = pytest.mark.integration
 
@@ -54,9 +57,9 @@ def recompute(teacher_dir: Path, data: dict):
 
 def check_samples(data: dict, reader: CacheReader, split: str, logits: torch.Tensor, cached_at: torch.Tensor) -> None:
     """Cached draws = the sampling function on recomputed logits with the same counter-based uniforms."""
-    out = reader.identity["outputs"]
+    out = asdict(reader.settings.outputs)
     length = data["input_ids"].shape[1]
-    seed = split_seed(reader.identity["seed"], split)
+    seed = split_seed(reader.settings.seed, split)
     u = sample_uniforms(seed, data["sequence_index"], data["view"], length, out["n_samples"])
     ids, counts = sample_counts(logits[cached_at].float(), torch.from_numpy(u)[cached_at], out["sample_temperature"])
     got_ids = torch.from_numpy(data["sample_ids"].astype(np.int64))
@@ -83,7 +86,7 @@ def check_samples(data: dict, reader: CacheReader, split: str, logits: torch.Ten
 def test_cache_equals_direct_teacher_recomputation(assets, cache_cfg, changes):
     raw = with_(cache_cfg, **changes)
     reader = build(raw)
-    out = reader.identity["outputs"]
+    out = asdict(reader.settings.outputs)
     temps, k = out["temperatures"], out["k"]
     for split in ("train", "eval"):
         data = all_rows(reader, split)
@@ -234,7 +237,7 @@ def test_another_config_is_refused_then_overwritten(cache_cfg):
     ):
         build(changed)
     reader = build(changed, overwrite=True)
-    assert reader.identity["outputs"]["k"] == 8
+    assert reader.settings.outputs.k == 8
 
 
 def test_foreign_directory_is_never_deleted(cache_cfg, tmp_path):
@@ -247,23 +250,24 @@ def test_foreign_directory_is_never_deleted(cache_cfg, tmp_path):
 
 def test_verify_finds_flipped_byte_and_missing_shard(cache_cfg):
     reader = build(cache_cfg)
-    problems, stats = verify_cache(reader.path)
-    assert problems == [] and stats["shards"] == 11
+    report = verify_cache(reader.path)
+    assert report.problems == [] and report.shards == 11
     record = next(r for r in reader.manifest["shards"] if (r["split"], r["shard"]) == ("train", 3))
     target = reader.path / record["files"]["topk_values"]["path"]
     blob = bytearray(target.read_bytes())
     blob[len(blob) // 2] ^= 0x01
     target.write_bytes(bytes(blob))
-    problems, _ = verify_cache(reader.path)
-    assert problems == [
+    assert verify_cache(reader.path).problems == [
         f"shard train-00003: topk_values corrupt (checksum mismatch in {record['files']['topk_values']['path']})"
     ]
     head = reader.path / "teacher" / "mlm_head.safetensors"
     head.write_bytes(head.read_bytes()[:-1] + bytes([head.read_bytes()[-1] ^ 0xFF]))
-    assert "teacher/mlm_head.safetensors: corrupt (checksum mismatch)" in verify_cache(reader.path)[0]
+    assert "teacher/mlm_head.safetensors: corrupt (checksum mismatch in teacher/mlm_head.safetensors)" in (
+        verify_cache(reader.path).problems
+    )
     (reader.path / "manifest.json").unlink()
     (reader.path / "commits" / "train-00005.json").unlink()
-    problems, _ = verify_cache(reader.path)
+    problems = verify_cache(reader.path).problems
     assert problems[0].startswith("incomplete: no manifest.json")
     assert "shard train-00005: missing (never committed)" in problems
 
@@ -304,7 +308,7 @@ def test_resume_rewrites_side_files_cut_short(cache_cfg):
     shutil.rmtree(reader.path / "teacher")  # as if killed right after the header was written
     resumed = build(cache_cfg)
     assert resumed.manifest["teacher_files"] == files
-    assert verify_cache(resumed.path)[0] == []
+    assert verify_cache(resumed.path).problems == []
 
 
 def test_free_space_is_checked_before_starting(cache_cfg, monkeypatch):
@@ -322,7 +326,7 @@ def test_free_space_is_checked_before_starting(cache_cfg, monkeypatch):
 def test_commit_records_are_exclusive(cache_cfg):
     reader = build(cache_cfg)
     record = json.loads((reader.path / "commits" / "train-00000.json").read_text())
-    store = CacheStore(reader.path)
+    store = CacheStore(LocalStorage(reader.path))
     data = reader.read_rows("train", *record["rows"])
-    with pytest.raises(FileExistsError):
+    with pytest.raises(CacheError, match="train shard 00000 was committed by another writer meanwhile"):
         store.write_shard("train", 0, data, {})

@@ -4,10 +4,12 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from teacher_cache import corpus as corpus_mod
+from cache_format.hashing import tokenizer_sha256
 from teacher_cache.config import CorpusConfig
-from teacher_cache.corpus import CorpusError, Packer, _text_documents, prepare_corpus, special_frame
-from teacher_cache.teacher import tokenizer_sha256
+from teacher_cache.corpus import CorpusError, prepare_corpus
+from teacher_cache.corpus import sources as corpus_sources
+from teacher_cache.corpus.packing import Packer, special_frame
+from teacher_cache.corpus.sources import _text_documents
 
 CLS, SEP, PAD = 2, 3, 0
 
@@ -109,9 +111,9 @@ def test_jsonl_parquet_and_disk_sources(tokenizer, tmp_path):
 
 
 def test_python_docs_source_reads_stdlib_docstrings(tokenizer, tmp_path, monkeypatch):
-    from teacher_cache.docstrings import iter_docstrings, stdlib_root
+    from teacher_cache.corpus.python_docs import iter_docstrings, stdlib_root
 
-    monkeypatch.setattr(corpus_mod, "iter_python_docs", lambda: iter_docstrings(stdlib_root() / "json"))
+    monkeypatch.setattr(corpus_sources, "iter_python_docs", lambda: iter_docstrings(stdlib_root() / "json"))
     cfg = CorpusConfig(source="python-docs", max_seq_len=32)
     packed = prepare_corpus(cfg, tokenizer, "tok", tmp_path, seed=0)
     assert packed.meta["documents"]["train"] == len(list(iter_docstrings(stdlib_root() / "json")))

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from cache_format.reader import CacheReader
 from student_train.config import DataConfig
-from student_train.data import CacheBatches, Fields, plan_epoch, view_blocks
-from teacher_cache.store import CacheReader
+from student_train.data import CacheBatches, FieldSelection, plan_epoch, view_blocks
 
-FIELDS = Fields(topk=True, hidden=True, lse_column=1)
+FIELDS = FieldSelection(("topk_values", "topk_indices", "logsumexp", "hidden"), lse_column=1)
 
 
 def batches(cache, n, rank=0, world=1, streams=2, micro=4, workers=0, state=None, mix=2):
@@ -53,7 +53,7 @@ def test_epochs_walk_the_views_without_repeats(tiny_cache):
     for i, (v, seq) in enumerate(rows(b)):
         r = int(np.flatnonzero((data["view"] == v) & (data["sequence_index"] == seq))[0])
         assert torch.equal(b["input_ids"][i], torch.from_numpy(data["input_ids"][r].astype(np.int64)))
-        assert torch.equal(b["lse"][i], torch.from_numpy(data["logsumexp"][r][..., 1]))
+        assert torch.equal(b["logsumexp"][i], torch.from_numpy(data["logsumexp"][r][..., 1]))
         assert torch.equal(b["hidden"][i], torch.from_numpy(data["hidden"][r]))
 
 

@@ -9,17 +9,16 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from cache_format.encode import decode_hidden, encode_hidden
+from cache_format.reader import CacheReader
 from pipeline.cli import main
 from pipeline.config import from_dict
 from pipeline.errors import DistilcacheError
 from student_train import losses
 from student_train.config import TrainConfig
-from student_train.evaluate import cache_head
 from student_train.trainer import run_train
 from teacher_cache.config import CacheConfig
-from teacher_cache.encode import decode_hidden, encode_hidden
 from teacher_cache.run import run_cache
-from teacher_cache.store import CacheReader
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,8 +47,8 @@ def train_raw(cache: Path, out: Path) -> dict:
 def test_defaults_cache_int8_hidden_states_only_and_train_exact_kd(default_cache, tmp_path, monkeypatch):
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     reader = CacheReader(default_cache)
-    outputs = reader.identity["outputs"]
-    assert (outputs["logits"], outputs["hidden_dtype"]) == ("none", "int8")
+    outputs = reader.settings.outputs
+    assert (outputs.logits, outputs.hidden_dtype) == ("none", "int8")
     assert set(reader.fields) == {"input_ids", "labels", "lengths", "sequence_index", "view", "hidden", "hidden_scale"}
     assert reader.manifest["head"], "exact KD needs the cached head"
     cfg = from_dict(TrainConfig, train_raw(default_cache, tmp_path / "run"))
@@ -73,7 +72,7 @@ def test_int8_hidden_exact_loss_is_within_a_stated_tolerance_of_fp16(tiny_cache)
     of a student moves by less than 0.1 % on average (README: the same measured on the shared
     teacher)."""
     reader = CacheReader(tiny_cache)
-    head = cache_head(reader, torch.device("cpu"))
+    head = reader.head()
     data = reader.read_rows("train", 0, 16, ["hidden", "lengths"])
     valid = np.arange(data["hidden"].shape[1])[None, :] < data["lengths"][:, None]
     hidden = torch.from_numpy(data["hidden"][valid])  # fp32 in this cache: the reference

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from teacher_cache.layout import plan_rows
+from cache_format.layout import plan_rows
+from cache_format.rng import permutation, uniforms
 from teacher_cache.masking import IGNORE_INDEX, make_spec, mask_batch, selection_weights
-from teacher_cache.rng import permutation, uniforms
 
 V, PAD, CLS, SEP, MASK = 200, 0, 2, 3, 4
 SPECIALS = [PAD, 1, CLS, SEP, MASK]

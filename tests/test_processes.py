@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cache_format.reader import CacheReader
+from cache_format.verify import verify_cache
 from pipeline.config import from_dict
 from teacher_cache.config import CacheConfig
 from teacher_cache.run import run_cache
-from teacher_cache.store import CacheReader
-from teacher_cache.verify import verify_cache
 from tests.conftest import torchrun_cmd
 
 pytestmark = pytest.mark.integration
@@ -70,7 +70,7 @@ def test_kill_9_then_resume_gives_identical_arrays(big_cfg, tmp_path):
     assert not (out / "manifest.json").exists()
     done = len(list((out / "commits").glob("*.json")))
     assert 5 <= done < 122
-    problems, _ = verify_cache(out)
+    problems = verify_cache(out).problems
     assert problems[0].startswith("incomplete") and any("missing (never committed)" in p for p in problems)
 
     rerun = subprocess.run(
@@ -80,7 +80,7 @@ def test_kill_9_then_resume_gives_identical_arrays(big_cfg, tmp_path):
     assert f"resuming: skipping {done} complete shard(s)" in rerun.stderr
     assert not list(out.rglob("*.partial"))
     assert shard_hashes(out) == expected
-    assert verify_cache(out)[0] == []
+    assert verify_cache(out).problems == []
 
 
 def test_two_processes_equal_one_process(cache_cfg, tmp_path):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from teacher_cache.encode import (
+from cache_format.encode import (
     decode_hidden,
     decode_values,
     dequantize_int8,

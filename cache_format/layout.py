@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from teacher_cache.rng import STREAM_SHUFFLE, permutation
+from cache_format.rng import STREAM_SHUFFLE, permutation
 
 _EVAL_SALT = 0x5EED_E7A1
 """Mixed into the seed of the eval split so its masks are independent of the train masks."""

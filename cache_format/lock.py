@@ -1,0 +1,218 @@
+"""Who is using a cache: one writer's lock, readers' leases and workers' shard leases.
+
+The writer creates `locks/writer.json` exclusively (host, PID, start time, expiry); a second
+writer exits with a message naming the holder. A reader (a training run, evaluate, inspect)
+leaves a `locks/reader-*.json` lease while it runs, so `--overwrite` refuses to delete a cache
+that is being read. Independent capture workers claim a shard by creating
+`leases/<split>-<shard>.<generation>.json` exclusively. Every lock and lease carries an expiry
+that a heartbeat thread renews while its process lives: one whose expiry passed, or whose
+process is gone (same host, PID not running), is stale — a dead worker's shard is taken over
+by creating the next generation. This works the same on a filesystem and on object storage
+(exclusive create = conditional put).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+
+from cache_format.storage import Storage
+from cache_format.store import LOCKS, CacheError
+
+log = logging.getLogger(__name__)
+WRITER = f"{LOCKS}/writer.json"
+
+
+TTL_S = float(os.environ.get("DISTILCACHE_LEASE_TTL_S", "120"))
+"""Seconds a lock or lease stays valid without renewal (renewed every TTL/4 while its process lives)."""
+
+
+def _record(kind: str) -> dict:
+    return {
+        "kind": kind,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "token": uuid.uuid4().hex,
+        "expires": time.time() + TTL_S,
+    }
+
+
+class _Heartbeat:
+    """One daemon thread per process renewing the expiry of every lock and lease it holds."""
+
+    def __init__(self) -> None:
+        self._held: dict[tuple[int, str], tuple[Storage, dict]] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def hold(self, storage: Storage, key: str, record: dict) -> None:
+        with self._lock:
+            self._held[(id(storage), key)] = (storage, record)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="lease-heartbeat", daemon=True)
+                self._thread.start()
+
+    def drop(self, storage: Storage, key: str) -> None:
+        with self._lock:
+            self._held.pop((id(storage), key), None)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(TTL_S / 4)
+            with self._lock:
+                held = list(self._held.items())
+            for (_, key), (storage, record) in held:
+                record["expires"] = time.time() + TTL_S
+                with contextlib.suppress(OSError, RuntimeError):  # a missed beat: the next one retries
+                    storage.write_bytes(key, json.dumps(record).encode())
+
+
+HEARTBEAT = _Heartbeat()
+
+
+def is_alive(record: dict) -> bool:
+    """Whether the process behind a lock may still be running."""
+    if record.get("expires") is not None and float(record["expires"]) < time.time():
+        return False
+    if record.get("host") != socket.gethostname():
+        return True  # another machine: cannot tell, assume it runs
+    try:
+        os.kill(int(record["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read(storage: Storage, key: str) -> dict | None:
+    try:
+        return json.loads(storage.read_bytes(key))
+    except (FileNotFoundError, ValueError):
+        return None  # released meanwhile, or a torn write of a killed process
+
+
+def describe(record: dict) -> str:
+    return (
+        f"{record.get('kind', 'process')} pid {record.get('pid')} on {record.get('host')} since {record.get('started')}"
+    )
+
+
+def live_holders(storage: Storage, exclude_token: str | None = None) -> list[str]:
+    """Descriptions of the live writer and readers of a cache (stale ones are removed)."""
+    holders = []
+    for key in storage.list(LOCKS):
+        record = _read(storage, key)
+        if record is None or record.get("token") == exclude_token:
+            continue
+        if is_alive(record):
+            holders.append(describe(record))
+        else:
+            storage.delete(key)
+    return holders
+
+
+class WriterLock:
+    """Exclusive right to write one cache; a context manager."""
+
+    def __init__(self, storage: Storage):
+        self.storage = storage
+        self.record = _record("writer")
+
+    @property
+    def token(self) -> str:
+        return self.record["token"]
+
+    def acquire(self) -> WriterLock:
+        for _ in range(2):
+            if self.storage.create(WRITER, json.dumps(self.record).encode()):
+                HEARTBEAT.hold(self.storage, WRITER, self.record)
+                return self
+            other = _read(self.storage, WRITER)
+            if other is not None and is_alive(other):
+                raise CacheError(
+                    f"{self.storage.url} is being written by {describe(other)}; wait for it to finish, or, "
+                    f"if that process is gone, delete {self.storage.url}/{WRITER}"
+                )
+            log.warning("removing a stale writer lock (%s)", describe(other) if other else "unreadable")
+            self.storage.delete(WRITER)
+        raise CacheError(f"could not lock {self.storage.url} for writing; retry")
+
+    def release(self) -> None:
+        HEARTBEAT.drop(self.storage, WRITER)
+        current = _read(self.storage, WRITER)
+        if current is not None and current.get("token") == self.token:
+            self.storage.delete(WRITER)
+
+    def __enter__(self) -> WriterLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class ReaderLease:
+    """A reader's mark on a cache while it runs (removed on close and at exit)."""
+
+    def __init__(self, storage: Storage):
+        self.storage = storage
+        self.record = _record("reader")
+        self.key = f"{LOCKS}/reader-{self.record['host']}-{self.record['pid']}-{self.record['token'][:8]}.json"
+        try:
+            self.storage.write_bytes(self.key, json.dumps(self.record).encode())
+            HEARTBEAT.hold(self.storage, self.key, self.record)
+        except (OSError, RuntimeError):  # a read-only cache: nobody can overwrite it either
+            self.key = None
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        if self.key is not None:
+            HEARTBEAT.drop(self.storage, self.key)
+            with contextlib.suppress(OSError, RuntimeError):
+                self.storage.delete(self.key)
+            self.key = None
+
+
+LEASES = "leases"
+
+
+def _generation(key: str) -> int:
+    return int(key.rsplit(".", 2)[-2])
+
+
+class ShardLease:
+    """A capture worker's claim on one shard (see the module docstring)."""
+
+    def __init__(self, storage: Storage, key: str, record: dict):
+        self.storage, self.key, self.record = storage, key, record
+        HEARTBEAT.hold(storage, key, record)
+
+    @classmethod
+    def claim(cls, storage: Storage, split: str, shard: int) -> ShardLease | None:
+        """The shard's lease, or None while another live worker holds it."""
+        prefix = f"{LEASES}/{split}-{shard:05d}."
+        keys = sorted(storage.list(LEASES), key=lambda k: _generation(k) if k.startswith(prefix) else -1)
+        keys = [k for k in keys if k.startswith(prefix)]
+        generation = 0
+        if keys:
+            current = _read(storage, keys[-1])
+            if current is not None and is_alive(current):
+                return None
+            generation = _generation(keys[-1]) + 1
+            if current is not None:
+                log.warning("taking over %s shard %05d from %s (lease expired)", split, shard, describe(current))
+        record = _record("worker")
+        key = f"{prefix}{generation}.json"
+        return cls(storage, key, record) if storage.create(key, json.dumps(record).encode()) else None
+
+    def release(self) -> None:
+        HEARTBEAT.drop(self.storage, self.key)
+        self.storage.delete(self.key)

@@ -1,0 +1,94 @@
+"""The header (what a cache is, written first) and the manifest (what it holds, written last).
+
+The fingerprint hashes the identity: everything that determines the cached values. The
+manifest adds the commit record of every shard and the size and sha256 of every other file —
+the header, each array's zarr.json, the teacher files and token_counts — so that `verify`
+can check every byte and a reader can refuse edited metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+
+from cache_format.head import HEAD_FILE
+from cache_format.layout import FieldSpec, SplitLayout
+from cache_format.store import FORMAT, FORMAT_VERSION, TEACHER_DIR, CacheStore
+
+HEADER_KEYS = ("format", "format_version", "fingerprint", "identity", "layout", "teacher", "tokenizer", "corpus")
+"""What the header and the manifest both hold: they must agree."""
+
+
+def fingerprint(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def make_header(
+    identity: dict,
+    layouts: dict[str, SplitLayout],
+    fields: list[FieldSpec],
+    teacher: dict,
+    tokenizer: dict,
+    corpus: dict,
+    config: dict,
+) -> dict:
+    from dataclasses import asdict
+
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "fingerprint": fingerprint(identity),
+        "identity": identity,
+        "layout": {
+            "splits": {n: lay.to_dict() for n, lay in layouts.items()},
+            "fields": [asdict(f) for f in fields],
+        },
+        "teacher": teacher,
+        "tokenizer": tokenizer,
+        "corpus": corpus,
+        "config": config,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def counts(store: CacheStore, records: dict) -> dict:
+    """Per split: sequences, rows, tokens, positions with logits, seconds; per field: bytes."""
+    out: dict = {"splits": {}, "fields": {}}
+    for name, lay in store.layouts().items():
+        recs = [r for (s, _), r in records.items() if s == name]
+        out["splits"][name] = {
+            "sequences": lay.sequences,
+            "views": lay.views,
+            "rows": lay.rows,
+            "shards": lay.shards,
+            "tokens": sum(r["tokens"] for r in recs),
+            "logit_positions": sum(r["logit_positions"] for r in recs),
+            "teacher_seconds": round(sum(r["seconds"] for r in recs), 3),
+        }
+    for f in store.fields():
+        stored = sum(r["files"][f.name]["bytes"] for r in records.values())
+        raw = sum(f.row_bytes * (r["rows"][1] - r["rows"][0]) for r in records.values())
+        out["fields"][f.name] = {"bytes": stored, "raw_bytes": raw}
+    return out
+
+
+def missing_shards(store: CacheStore, records: dict) -> list[str]:
+    return [f"{s}-{i:05d}" for s, lay in store.layouts().items() for i in range(lay.shards) if (s, i) not in records]
+
+
+def build_manifest(store: CacheStore, records: dict, config: dict, versions: dict) -> dict:
+    """The manifest of a cache whose every shard is committed (`records`)."""
+    header = store.header
+    return {
+        **{k: header[k] for k in (*HEADER_KEYS, "created")},
+        "completed": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "head": store.storage.exists(f"{TEACHER_DIR}/{HEAD_FILE}"),
+        "teacher_files": store.file_records(store.side_keys()),
+        "metadata": store.file_records(store.metadata_keys()),
+        "counts": counts(store, records),
+        "versions": {**versions, "python": platform.python_version()},
+        "config": config,
+        "shards": [records[k] for k in sorted(records)],
+    }

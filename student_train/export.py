@@ -1,0 +1,42 @@
+"""The finished student as a Hugging Face model directory (what `AutoModelForMaskedLM` loads)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from cache_format.reader import CacheReader
+from pipeline.config import to_dict
+from student_train.checkpoint import tag_of
+from student_train.config import TrainConfig
+
+
+def export_student(run_dir: Path, step: int, student_config, tokenizer, reader: CacheReader, cfg: TrainConfig) -> Path:
+    """Consolidate the fp32 weights of checkpoint `step` (ZeRO-3 shards included) into `run_dir/final`:
+    save_pretrained model + tokenizer (+ the cosine projection, + distill.json)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import save_file
+    from transformers import AutoModelForMaskedLM
+
+    out = run_dir / "final"
+    state = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=tag_of(step))
+    student = AutoModelForMaskedLM.from_config(student_config)
+    student.load_state_dict(
+        {k[len("student.") :]: v for k, v in state.items() if k.startswith("student.")}, strict=False
+    )
+    student.tie_weights()
+    shutil.rmtree(out, ignore_errors=True)
+    student.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    projection = {k[len("projection.") :]: v.contiguous() for k, v in state.items() if k.startswith("projection.")}
+    if projection:
+        save_file(projection, str(out / "distill_projection.safetensors"))
+    lineage = {
+        "cache": reader.url,
+        "step": step,
+        "cache_fingerprint": reader.settings.fingerprint,
+        "config": to_dict(cfg),
+    }
+    (out / "distill.json").write_text(json.dumps(lineage, indent=2))
+    return out

@@ -1,0 +1,136 @@
+"""Everything decided before the first forward: the cache's identity, location and geometry."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cache_format.head import find_head
+from cache_format.layout import FieldSpec, SplitLayout, field_specs, shard_rows_for
+from cache_format.manifest import make_header
+from cache_format.store import FORMAT_VERSION
+from pipeline.config import to_dict
+from teacher_cache.config import CacheConfig
+from teacher_cache.corpus import PackedCorpus
+from teacher_cache.teacher import Teacher, TeacherError
+
+
+@dataclass
+class CachePlan:
+    """Everything decided before the first forward: identity, path and geometry."""
+
+    location: str
+    """Where the cache goes: store.output, or <cache_dir>/<teacher>-<fingerprint[:12]>."""
+    header: dict
+    fields: list[FieldSpec]
+    layouts: dict[str, SplitLayout]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.header["fingerprint"]
+
+
+def build_plan(cfg: CacheConfig, teacher: Teacher, corpus: PackedCorpus) -> CachePlan:
+    out = cfg.outputs
+    # every id that can be stored: the tokenizer's, and the model's (random replacement tokens,
+    # top-k and sampled ids range over its vocabulary, which may be larger)
+    largest_id = max(teacher.vocab_size, len(teacher.tokenizer)) - 1
+    ids_dtype = "uint16" if largest_id <= np.iinfo(np.uint16).max else "int32"
+    fields = field_specs(
+        cfg.corpus.max_seq_len,
+        out.k,
+        len(out.temperatures),
+        teacher.hidden_size,
+        ids_dtype,
+        out.logits_dtype,
+        out.hidden_dtype,
+        out.logits,
+        out.n_samples,
+    )
+    layouts = {}
+    for name, packed, limit, views in (
+        ("train", corpus.train, cfg.max_sequences, cfg.masking.views),
+        ("eval", corpus.eval, cfg.max_eval_sequences, 1),
+    ):
+        if packed is None or len(packed.ids) == 0:
+            continue
+        n = len(packed.ids) if limit is None else min(limit, len(packed.ids))
+        shard_rows = cfg.store.shard_rows or shard_rows_for(fields, cfg.store.block_rows, cfg.store.shard_mb, n * views)
+        layouts[name] = SplitLayout(name, n, views, cfg.store.block_rows, shard_rows)
+    identity = {
+        "format_version": FORMAT_VERSION,
+        "teacher": {
+            "weights_sha256": teacher.weights_sha256,
+            "dtype": str(teacher.dtype).removeprefix("torch."),
+        },
+        "tokenizer_sha256": teacher.tokenizer_sha256,
+        "corpus": corpus.fingerprint,
+        "seed": cfg.seed,
+        "max_sequences": cfg.max_sequences,
+        "max_eval_sequences": cfg.max_eval_sequences,
+        "masking": asdict(cfg.masking),
+        "outputs": asdict(cfg.outputs),
+        "layout": {n: [lay.block_rows, lay.shard_rows] for n, lay in layouts.items()},
+    }
+    header = make_header(
+        identity, layouts, fields, _teacher_info(cfg, teacher), _tokenizer_info(teacher), corpus.meta, recorded(cfg)
+    )
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(cfg.teacher.name.rstrip("/")).name) or "teacher"
+    default = Path(cfg.store.cache_dir).expanduser() / f"{slug}-{header['fingerprint'][:12]}"
+    return CachePlan(str(cfg.store.output or default), header, fields, layouts)
+
+
+def recorded(cfg: CacheConfig) -> dict:
+    """The resolved config as the header and manifest record it: without storage options (endpoints
+    and credentials belong to the machine that reads, not to the cache)."""
+    out = to_dict(cfg)
+    out["store"].pop("storage_options", None)
+    return out
+
+
+def _teacher_info(cfg: CacheConfig, teacher: Teacher) -> dict:
+    c = teacher.model.config
+    return {
+        "name": cfg.teacher.name,
+        "model_type": c.model_type,
+        "vocab_size": teacher.vocab_size,
+        "hidden_size": teacher.hidden_size,
+        "num_layers": getattr(c, "num_hidden_layers", None),
+        "weights_sha256": teacher.weights_sha256,
+        "dtype": str(teacher.dtype).removeprefix("torch."),
+    }
+
+
+def _tokenizer_info(teacher: Teacher) -> dict:
+    tok = teacher.tokenizer
+    return {
+        "sha256": teacher.tokenizer_sha256,
+        "pad_id": tok.pad_token_id,
+        "mask_id": tok.mask_token_id,
+        "special_ids": sorted(set(tok.all_special_ids)),
+        "size": len(tok),
+    }
+
+
+def check_compatible(cfg: CacheConfig, teacher: Teacher) -> None:
+    problems = []
+    if cfg.outputs.k > teacher.vocab_size:
+        problems.append(
+            f"outputs.k={cfg.outputs.k} exceeds the teacher vocabulary ({teacher.vocab_size}); "
+            f"use k <= {teacher.vocab_size}"
+        )
+    if cfg.corpus.max_seq_len > teacher.max_positions:
+        problems.append(
+            f"corpus.max_seq_len={cfg.corpus.max_seq_len} exceeds the teacher's "
+            f"{teacher.max_positions} positions; use max_seq_len <= {teacher.max_positions}"
+        )
+    if cfg.outputs.logits == "none" and find_head(teacher.model) is None:
+        problems.append(
+            f"outputs.logits=none keeps no teacher logits, and stage two cannot rebuild them: the MLM head of "
+            f"{teacher.model.config.model_type!r} is not a known module; set outputs.logits=topk, sampled or both"
+        )
+    if problems:
+        raise TeacherError("; ".join(problems))
