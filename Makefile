@@ -7,7 +7,7 @@ PIP := $(BIN)/python -m pip
 CONSTRAINTS := -c constraints-cpu.txt
 QUICKSTART := configs/quickstart.yaml
 
-.PHONY: setup test test-fast demo table4 bench lint format docs clean
+.PHONY: setup test test-fast demo downstream table4 bench lint format docs clean
 
 setup: $(VENV)/.installed
 
@@ -37,11 +37,22 @@ demo: setup  ## offline quickstart, end to end
 	# a small sweep from the same cache: DistilBERT's Table 4 variants, 20 steps each
 	$(BIN)/pipeline ablate --grid configs/ablations/distilbert-table4.yaml --config $(QUICKSTART) \
 		--output runs/quickstart/ablation --set max_steps=20 --set data.micro_batch_size=8
+	# downstream: teacher and student fine-tuned on movie-review sentiment (PyPI's vadersentiment data)
+	$(BIN)/pipeline fetch-task movie-snippets --output runs/quickstart/data
+	$(BIN)/pipeline finetune --config $(QUICKSTART) \
+		--model teacher=runs/quickstart/teacher --model student=runs/quickstart/student/final
 
-table4: setup  ## DistilBERT's Table 4 on ../shared/ data (README, "Ablations"; ~40 min on 2 CPU cores)
+downstream: setup  ## the README's Downstream table on ../shared/ data (~1 h on 2 CPU cores)
+	$(BIN)/pipeline cache-teacher --config configs/downstream-shared.yaml
+	$(BIN)/pipeline train-student --config configs/downstream-shared.yaml --overwrite
+	$(BIN)/pipeline finetune --config configs/downstream-shared.yaml \
+		--model teacher=../shared/teachers/minilm-l6-mlm --model student=runs/downstream/student/final \
+		--model random=random:runs/downstream/student/final
+
+table4: setup  ## DistilBERT's Table 4 on ../shared/ data, 2 seeds, downstream (README, "Ablations"; ~45 min)
 	$(BIN)/pipeline cache-teacher --config configs/table4-shared.yaml
 	$(BIN)/pipeline ablate --grid configs/ablations/distilbert-table4.yaml --config configs/table4-shared.yaml \
-		--output runs/table4/ablation
+		--output runs/table4/ablation --seeds 2 --finetune configs/tasks/movie-snippets.yaml
 
 bench: setup  ## measured ratios (needs ../shared/)
 	$(BIN)/python benchmarks/bench_cache.py --json runs/bench_cache.json

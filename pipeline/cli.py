@@ -237,13 +237,100 @@ def train_student(
 @click.option("--sequences", default=512, show_default=True, help="Sequences evaluated (the split's first rows).")
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--json", "json_path", default=None, type=click.Path(), help="Also write the results here.")
+@click.option("--teacher", default=None, help="Teacher to measure size and speed against [the cache's teacher].")
+@click.option("--speed/--no-speed", default=True, show_default=True, help="Measure size and speed beside the teacher.")
+@click.option("--speed-only", is_flag=True, help="Only size and speed, no metrics.")
 @_guard
-def evaluate(model_dir: str, cache: str, split: str, sequences: int, batch_size: int, json_path: str | None) -> None:
-    """Held-out metrics of a student beside the teacher's: accuracy, perplexity, agreement, KL, cosine."""
+def evaluate(
+    model_dir: str,
+    cache: str,
+    split: str,
+    sequences: int,
+    batch_size: int,
+    json_path: str | None,
+    teacher: str | None,
+    speed: bool,
+    speed_only: bool,
+) -> None:
+    """Held-out metrics of a student beside the teacher's (accuracy, perplexity, agreement, KL, cosine),
+    and both models' size and speed on identical batches."""
+    from cache_format.reader import CacheReader
     from student_train.evaluate import run_evaluate, table
+    from student_train.speed import speed_table
 
-    result = run_evaluate(model_dir, cache, split, sequences, batch_size, json_path)
-    click.echo(table(result))
+    against = None
+    if speed or speed_only:
+        against = teacher or CacheReader(cache).settings.teacher.name
+        if teacher is None and not _loadable(against):
+            click.echo(f"(speed: the cache's teacher {against!r} is not at hand; pass --teacher to compare)", err=True)
+            against = None
+    result = run_evaluate(model_dir, cache, split, sequences, batch_size, json_path, against, not speed_only)
+    if not speed_only:
+        click.echo(table(result))
+    if "speed" in result:
+        s = result["speed"]
+        click.echo("\n".join(["", *speed_table(s["report"], s["ratios"], s["reference"], s["sizes"])]))
+
+
+def _loadable(name: str) -> bool:
+    from pathlib import Path
+
+    return Path(name).expanduser().is_dir()
+
+
+@main.command("finetune")
+@config_options
+@click.option("--model", "models", multiple=True, metavar="NAME=PATH", help="A model to fine-tune (repeatable).")
+@click.option("--cache", default=None, help="Refuse models whose vocabulary or tokenizer differ from this cache's.")
+@click.option("--speed-only", is_flag=True, help="Only size and speed, no fine-tuning.")
+@_guard
+def finetune(
+    config_path: str | None,
+    overrides: tuple[str, ...],
+    print_config: bool,
+    models: tuple[str, ...],
+    cache: str | None,
+    speed_only: bool,
+) -> None:
+    """Fine-tune models on a classification or regression task with one recipe and seeds (section
+    `finetune`), and report them side by side: mean ± std, retention of the teacher, size and speed.
+
+    Rerunning resumes: finished (model, seed) runs are kept. E.g. `pipeline finetune --config
+    configs/quickstart.yaml --model teacher=runs/quickstart/teacher --model student=runs/quickstart/student/final`.
+    """
+    import re
+
+    from student_train.finetune import run_finetune
+    from student_train.finetune_config import FinetuneConfig
+
+    extra = []
+    for item in models:
+        name, sep, path = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z0-9_-]+", name) or not path:
+            raise DistilcacheError(f"--model {item!r}: expected NAME=PATH with a plain name, e.g. student=runs/x/final")
+        extra.append(f"models.{name}={path}")
+    if cache:
+        extra.append(f"cache={cache}")
+    cfg = _resolve(FinetuneConfig, "finetune", config_path, (*overrides, *extra), print_config)
+    summary = run_finetune(cfg, speed_only)
+    click.echo(summary["markdown"])
+    click.echo(f"table: {cfg.output_dir}/results.md (csv, json beside it)")
+    if summary.get("cards_updated"):
+        click.echo(f"model cards updated: {', '.join(summary['cards_updated'])}")
+
+
+@main.command("fetch-task")
+@click.argument("name", type=click.Choice(["movie-snippets"]))
+@click.option("--output", default="runs/data", show_default=True, type=click.Path(), help="Where the TSV goes.")
+@_guard
+def fetch_task(name: str, output: str) -> None:
+    """Fetch a downstream task that works offline on a fresh machine: movie-snippets (Rotten Tomatoes
+    sentences with human sentiment ratings, from PyPI's vadersentiment 3.3.2 sdist, sha256-pinned)."""
+    from pathlib import Path
+
+    from student_train.tasks import fetch_movie_snippets
+
+    click.echo(f"task: {fetch_movie_snippets(Path(output))}")
 
 
 @main.command("ablate")
@@ -252,6 +339,10 @@ def evaluate(model_dir: str, cache: str, split: str, sequences: int, batch_size:
 @click.option("--output", default=None, type=click.Path(), help="Sweep directory [runs/ablations/<grid name>].")
 @click.option("--parallel", default=None, type=int, help="Variants at once [one per visible GPU, else 1].")
 @click.option("--report-only", is_flag=True, help="Rebuild the table and plot from finished variants.")
+@click.option("--seeds", default=1, show_default=True, help="Student seeds per variant (standard errors over them).")
+@click.option(
+    "--finetune", default=None, type=click.Path(), help="A YAML with a `finetune` task: fine-tune each student."
+)
 @config_options
 @_guard
 def ablate(
@@ -260,6 +351,8 @@ def ablate(
     output: str | None,
     parallel: int | None,
     report_only: bool,
+    seeds: int,
+    finetune: str | None,
     config_path: str | None,
     overrides: tuple[str, ...],
     print_config: bool,
@@ -273,7 +366,7 @@ def ablate(
     from student_train.sweep import run_ablate
 
     base = apply_overrides(read_section(config_path, "train") if config_path else {}, overrides)
-    click.echo(run_ablate(grid_path, cache, output, parallel, report_only, base, print_config))
+    click.echo(run_ablate(grid_path, cache, output, parallel, report_only, base, print_config, seeds, finetune))
 
 
 if __name__ == "__main__":

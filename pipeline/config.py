@@ -24,7 +24,7 @@ from pipeline.errors import ConfigError
 
 T = TypeVar("T")
 
-SECTIONS = ("adapt", "cache", "train")
+SECTIONS = ("adapt", "cache", "train", "finetune")
 """Top-level sections a config file may hold, one per stage command."""
 
 

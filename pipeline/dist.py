@@ -14,6 +14,8 @@ from typing import TypeVar
 import torch
 import torch.distributed as torch_dist
 
+from pipeline.errors import DistilcacheError
+
 T = TypeVar("T")
 LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 """What torchrun / the deepspeed launcher set: a child started as its own job must not inherit them."""
@@ -104,3 +106,24 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def resolve_precision(spec: str, cpu: bool) -> str:
+    """train.precision -> fp32 / bf16 / fp16: auto is bf16 on CUDA (fp16 without bf16), fp32 on CPU."""
+    p = spec if spec != "auto" else ("fp32" if cpu else ("bf16" if torch.cuda.is_bf16_supported() else "fp16"))
+    if cpu and p == "fp16":
+        raise DistilcacheError("precision=fp16 is not supported on CPU; use fp32 or bf16")
+    return p
+
+
+def resolve_head_dtype(spec: str, device: torch.device) -> torch.dtype:
+    """loss.exact_head_dtype -> dtype: `auto` is bfloat16 where the hardware multiplies it natively."""
+    if spec != "auto":
+        return getattr(torch, spec)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    native = (
+        getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+        or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    )
+    return torch.bfloat16 if native else torch.float32

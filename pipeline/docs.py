@@ -12,9 +12,10 @@ from pathlib import Path
 
 from pipeline.config import reference_markdown
 from student_train.config import TrainConfig
+from student_train.finetune_config import FinetuneConfig
 from teacher_cache.config import AdaptConfig, CacheConfig
 
-STAGE_CONFIGS = {"adapt": AdaptConfig, "cache": CacheConfig, "train": TrainConfig}
+STAGE_CONFIGS = {"adapt": AdaptConfig, "cache": CacheConfig, "train": TrainConfig, "finetune": FinetuneConfig}
 
 
 def render(readme: str) -> str:

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from cache_format.encode import decode_hidden, teacher_top1
-from cache_format.hashing import tokenizer_sha256
 from cache_format.reader import CacheReader
 from pipeline.errors import DistilcacheError
+from student_train.card import lineage_problem
 from student_train.losses import IGNORE_INDEX, cosine_loss, kd_full
 
 Forward = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
@@ -66,10 +66,14 @@ def evaluate(
     logits_at: str,
     batch_size: int,
     device: torch.device,
+    per_token: bool = False,
 ) -> dict[str, dict[str, float]]:
-    """{"student": metrics, "teacher": metrics} over the given rows."""
+    """{"student": metrics, "teacher": metrics} over the given rows; with `per_token`, also the
+    student's per-token values (hit, nll, agree, kl at masked positions; cos at non-pad ones) under
+    "per_token", for paired bootstraps between students evaluated on the same rows."""
     if head is None and "teacher_top1" not in rows:
         raise ValueError("the cache holds neither the teacher's head nor cached logits: nothing to compare with")
+    tokens: dict[str, list[torch.Tensor]] = {k: [] for k in ("hit", "nll", "agree", "kl", "cos")}
     sums = dict.fromkeys(("nll", "hit", "agree", "agree_all", "kl", "kl_all", "cos", "t_nll", "t_hit"), 0.0)
     counts = dict.fromkeys(("masked", "top1_all", "valid"), 0)
     cos_available = True
@@ -86,6 +90,7 @@ def evaluate(
             kl = kd_full(logits[valid], teacher_logits, 1.0)
             sums["kl_all"] += float(kl.sum())
             sums["kl"] += float(kl[at_masked].sum())
+            tokens["kl"].append(kl[at_masked])
             sums["t_nll"] += float(F.cross_entropy(teacher_logits[at_masked], target, reduction="sum"))
             top1 = torch.full_like(b["input_ids"], -1)
             top1[valid] = teacher_logits.argmax(-1)
@@ -94,13 +99,18 @@ def evaluate(
             top1 = b["teacher_top1"]
             known = valid if logits_at == "all" else masked
         student_top1 = logits.argmax(-1)
-        sums["nll"] += float(F.cross_entropy(logits[masked], target, reduction="sum"))
-        sums["hit"] += float((student_top1[masked] == target).sum())
-        sums["agree"] += float((student_top1[masked] == top1[masked]).sum())
+        nll = F.cross_entropy(logits[masked], target, reduction="none")
+        hit, agree = (student_top1[masked] == target).float(), (student_top1[masked] == top1[masked]).float()
+        tokens["nll"].append(nll), tokens["hit"].append(hit), tokens["agree"].append(agree)
+        sums["nll"] += float(nll.sum())
+        sums["hit"] += float(hit.sum())
+        sums["agree"] += float(agree.sum())
         sums["agree_all"] += float((student_top1[known] == top1[known]).sum())
         sums["t_hit"] += float((top1[masked] == target).sum())
         if hidden is not None and hidden.shape[-1] == b["hidden"].shape[-1]:
-            sums["cos"] += float((1.0 - cosine_loss(hidden[valid], b["hidden"][valid])).sum())
+            cos = 1.0 - cosine_loss(hidden[valid], b["hidden"][valid])
+            tokens["cos"].append(cos)
+            sums["cos"] += float(cos.sum())
         else:
             cos_available = False
         counts["masked"] += int(masked.sum())
@@ -126,10 +136,15 @@ def evaluate(
         "teacher_top1_agreement_all": 1.0,
         "kl_teacher_student_all": 0.0,
     }
-    return {"student": student, "teacher": teacher, "rows": len(rows["input_ids"]), "masked_tokens": counts["masked"]}
+    result = {"student": student, "teacher": teacher, "rows": len(rows["input_ids"]), "masked_tokens": counts["masked"]}
+    if per_token:
+        result["per_token"] = {k: torch.cat(v).float().cpu().numpy() for k, v in tokens.items() if v}
+    return result
 
 
 def table(result: dict[str, dict[str, float]]) -> str:
+    if "student" not in result:  # speed only
+        return ""
     lines = [f"{'metric (masked positions)':<30}{'student':>12}{'teacher':>12}"]
     for m in METRICS:
         if m == "hidden_cosine":
@@ -149,26 +164,18 @@ def load_student(model_dir: str | Path, device: torch.device, reader: CacheReade
     """An exported student (save_pretrained dir, plus the cosine projection when it was trained);
     with `reader`, refused unless its vocabulary and tokenizer are the cache's."""
     from safetensors.torch import load_file
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoModelForMaskedLM
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise DistilcacheError(f"--model {model_dir}: no model there (no config.json); give an exported model dir")
     model = AutoModelForMaskedLM.from_pretrained(model_dir).to(device).eval()
     if reader is not None:
-        cached = reader.settings
-        if model.config.vocab_size != cached.teacher.vocab_size:
+        problem = lineage_problem(model_dir, reader.settings)
+        if problem:
             raise DistilcacheError(
-                f"model vocabulary {model.config.vocab_size} != cache vocabulary {cached.teacher.vocab_size}; "
-                "evaluate a model distilled from this cache's teacher"
+                f"--model {model_dir}: {problem}; evaluate a model distilled from this cache's teacher"
             )
-        if (model_dir / "tokenizer.json").is_file():
-            digest = tokenizer_sha256(AutoTokenizer.from_pretrained(model_dir))
-            if digest != cached.tokenizer.sha256:
-                raise DistilcacheError(
-                    f"the model's tokenizer hashes to {digest[:12]}, the cache's to {cached.tokenizer.sha256[:12]}; "
-                    "evaluate a model that uses this cache's tokenizer"
-                )
     projection = None
     proj_file = model_dir / "distill_projection.safetensors"
     if proj_file.is_file():
@@ -185,17 +192,34 @@ def load_student(model_dir: str | Path, device: torch.device, reader: CacheReade
 
 
 def run_evaluate(
-    model_dir: str, cache: str, split: str, sequences: int, batch_size: int, json_path: str | None = None
+    model_dir: str,
+    cache: str,
+    split: str,
+    sequences: int,
+    batch_size: int,
+    json_path: str | None = None,
+    speed_with: str | None = None,
+    metrics: bool = True,
 ) -> dict:
+    """Held-out metrics of the model (unless not `metrics`), and, with `speed_with` (the teacher's
+    directory or name), size and speed of both on identical batches of the split's sequences."""
+    from student_train.speed import mlm_speed
+
     if batch_size < 1:
         raise DistilcacheError(f"--batch-size {batch_size}; give at least 1")
     reader = CacheReader(cache, lease=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    result: dict = {}
     try:
         rows = load_rows(reader, split, sequences)
         forward = load_student(model_dir, device, reader)
-        head = reader.head(device)
-        result = evaluate(forward, rows, head, reader.settings.outputs.logit_positions, batch_size, device)
+        if metrics:
+            head = reader.head(device)
+            result = evaluate(forward, rows, head, reader.settings.outputs.logit_positions, batch_size, device)
+        if speed_with:
+            result["speed"] = mlm_speed(
+                {"teacher": speed_with, "student": str(model_dir)}, rows["input_ids"], rows["lengths"], [1, 64]
+            )
     finally:
         reader.close()
     result.update({"model": str(model_dir), "cache": str(cache), "split": split})

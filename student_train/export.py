@@ -8,13 +8,24 @@ from pathlib import Path
 
 from cache_format.reader import CacheReader
 from pipeline.config import to_dict
+from student_train.card import LINEAGE, write_card
 from student_train.checkpoint import tag_of
 from student_train.config import TrainConfig
 
 
-def export_student(run_dir: Path, step: int, student_config, tokenizer, reader: CacheReader, cfg: TrainConfig) -> Path:
+def export_student(
+    run_dir: Path,
+    step: int,
+    student_config,
+    tokenizer,
+    reader: CacheReader,
+    cfg: TrainConfig,
+    tokens: int = 0,
+    evaluation: dict | None = None,
+) -> Path:
     """Consolidate the fp32 weights of checkpoint `step` (ZeRO-3 shards included) into `run_dir/final`:
-    save_pretrained model + tokenizer (+ the cosine projection, + distill.json)."""
+    save_pretrained model + tokenizer (+ the cosine projection), its lineage (distill.json) and its
+    model card (README.md)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import save_file
     from transformers import AutoModelForMaskedLM
@@ -32,11 +43,21 @@ def export_student(run_dir: Path, step: int, student_config, tokenizer, reader: 
     projection = {k[len("projection.") :]: v.contiguous() for k, v in state.items() if k.startswith("projection.")}
     if projection:
         save_file(projection, str(out / "distill_projection.safetensors"))
+    settings = reader.settings
+    corpus = (reader.manifest or {}).get("config", {}).get("corpus", {})
     lineage = {
         "cache": reader.url,
+        "cache_fingerprint": settings.fingerprint,
+        "teacher": {"name": settings.teacher.name, "weights_sha256": settings.teacher.weights_sha256},
+        "tokenizer_sha256": settings.tokenizer.sha256,
+        "vocab_size": settings.teacher.vocab_size,
+        "datasets": [corpus.get("name") or corpus.get("source")] + [Path(p).name for p in corpus.get("paths", [])],
+        "student": f"{student_config.model_type}, {getattr(student_config, 'n_layers', '?')} layers",
         "step": step,
-        "cache_fingerprint": reader.settings.fingerprint,
+        "tokens": tokens,
+        "evaluation": evaluation,
         "config": to_dict(cfg),
     }
-    (out / "distill.json").write_text(json.dumps(lineage, indent=2))
+    (out / LINEAGE).write_text(json.dumps(lineage, indent=2))
+    write_card(out, lineage, evaluation)
     return out

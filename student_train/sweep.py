@@ -78,19 +78,25 @@ def load_grid(path: str | Path) -> Grid:
     return grid
 
 
-def resolve_variants(grid: Grid, base_train: dict[str, Any], cache: str | None, out: Path) -> dict[str, TrainConfig]:
-    """Each variant's TrainConfig: --config/--set train section < grid base < variant; cache and
-    output_dir set by the sweep. All problems of all variants are reported at once."""
+def resolve_variants(
+    grid: Grid, base_train: dict[str, Any], cache: str | None, out: Path, seeds: int = 1
+) -> dict[str, TrainConfig]:
+    """Each run's TrainConfig: --config/--set train section < grid base < variant; cache and
+    output_dir set by the sweep. With `seeds` > 1, each variant runs `seeds` times (`variant/seed-K`,
+    train.seed + K) from the same cache. All problems of all variants are reported at once."""
     configs, problems = {}, []
     for name, overrides in grid.variants.items():
         raw = apply_mapping(apply_mapping(copy.deepcopy(base_train), grid.base), overrides)
         if cache:
             raw["cache"] = cache
-        raw["output_dir"] = str(out / "runs" / name)
-        try:
-            configs[name] = from_dict(TrainConfig, raw, prefix="train.")
-        except ConfigError as exc:
-            problems.append(f"variant {name}: {exc}")
+        for k in range(seeds):
+            run = name if seeds == 1 else f"{name}/seed-{k}"
+            raw_k = {**raw, "output_dir": str(out / "runs" / run), "seed": int(raw.get("seed", 56)) + k}
+            try:
+                configs[run] = from_dict(TrainConfig, raw_k, prefix="train.")
+            except ConfigError as exc:
+                problems.append(f"variant {name}: {exc}")
+                break
     for name, cfg in configs.items():
         problems += [f"variant {name}: {p}" for p in preflight(cfg)]
     if problems:
@@ -162,6 +168,8 @@ def run_sweep(grid: Grid, configs: dict[str, TrainConfig], out: Path, parallel: 
 
 def _launch(name: str, cfg: TrainConfig, s: str, out: Path, gpu: int | None) -> subprocess.Popen:
     config = out / "configs" / f"{name}.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    (out / "logs" / f"{name}.log").parent.mkdir(parents=True, exist_ok=True)
     config.write_text(yaml.safe_dump({"train": to_dict(cfg)}, sort_keys=False))
     cmd = [sys.executable, "-m", "pipeline", "train-student", "--config", str(config)]
     cmd.append("--resume" if s == "resume" else "--overwrite")
@@ -220,19 +228,27 @@ def run_ablate(
     report_only: bool,
     base_train: dict[str, Any],
     print_config: bool = False,
+    seeds: int = 1,
+    finetune: str | None = None,
 ) -> str:
-    """`pipeline ablate`: resolve and validate every variant, run the unfinished ones, write the
-    report; returns the text to print (the resolved configs with `print_config`)."""
+    """`pipeline ablate`: resolve and validate every run, run the unfinished ones, fine-tune their
+    students on a task (`finetune`: a YAML with a `finetune` section), write the report; returns
+    the text to print (the resolved configs with `print_config`)."""
     from student_train.sweep_report import write_report
 
+    if seeds < 1:
+        raise ConfigError(f"--seeds {seeds}: give at least 1")
     grid = load_grid(grid_path)
     out = Path(output or Path("runs/ablations") / grid.name)
-    configs = resolve_variants(grid, base_train, cache, out)
+    configs = resolve_variants(grid, base_train, cache, out, seeds)
+    task = _finetune_config(finetune) if finetune else None
     if print_config:
         return "\n".join(
-            f"# variant {name}\n{yaml.safe_dump(to_dict(cfg), sort_keys=False)}" for name, cfg in configs.items()
+            f"# run {name}\n{yaml.safe_dump(to_dict(cfg), sort_keys=False)}" for name, cfg in configs.items()
         )
     outcome = None if report_only else run_sweep(grid, configs, out, parallel or default_parallel())
+    if task is not None and not report_only:
+        downstream(task, configs)
     try:
         report = write_report(grid, configs, out, next(iter(configs.values())).cache)
     except FileNotFoundError as exc:
@@ -240,3 +256,24 @@ def run_ablate(
     if outcome is not None:
         check_outcome(outcome, report)
     return f"{report.read_text()}\ntable: {report}\nplot:  {out / 'results.png'}\ncsv:   {out / 'results.csv'}"
+
+
+def _finetune_config(path: str):
+    from pipeline.config import load_config
+    from student_train.finetune_config import FinetuneConfig
+
+    return load_config(FinetuneConfig, "finetune", path)
+
+
+def downstream(task, configs: dict[str, TrainConfig]) -> None:
+    """Fine-tune every finished run's exported student on the task (resumable per run and seed)."""
+    from student_train.finetune import run_finetune
+
+    for name, cfg in configs.items():
+        run = Path(cfg.output_dir)
+        if not (run / SUMMARY_FILE).is_file():
+            continue
+        ft = copy.deepcopy(task)
+        ft.models, ft.reference, ft.output_dir = {name.split("/")[0]: str(run / "final")}, None, str(run / "finetune")
+        log.info("ablate: fine-tuning %s on the task", name)
+        run_finetune(ft, measure=False)

@@ -6,14 +6,19 @@ from __future__ import annotations
 import csv
 import json
 import math
+import statistics
 from pathlib import Path
+
+import numpy as np
 
 from cache_format.reader import CacheReader
 from cache_format.store import flatten
 from student_train.config import TrainConfig
 from student_train.evaluate import METRICS
 from student_train.sweep import Grid
+from student_train.tasks import metric_values
 from student_train.trainer import SUMMARY_FILE
+from student_train.uncertainty import TOKEN_METRICS, bootstrap_delta, paired_delta, verdict
 
 HIGHER_IS_BETTER = {
     "masked_accuracy": True,
@@ -31,34 +36,125 @@ LABELS = {
 }
 
 
+DOWNSTREAM = "downstream"
+"""The column of the fine-tuned task's primary metric (`ablate --finetune`)."""
+
+
+def _run_of(name: str) -> tuple[str, int]:
+    """Run name -> (variant, student seed index): `variant` or `variant/seed-K`."""
+    variant, _, seed = name.partition("/seed-")
+    return variant, int(seed or 0)
+
+
+def _finished(cfg: TrainConfig) -> dict | None:
+    run = Path(cfg.output_dir)
+    if not (run / SUMMARY_FILE).is_file():
+        return None
+    summary = json.loads((run / SUMMARY_FILE).read_text())
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    metrics = {m: (summary["eval"] or {}).get("student", {}).get(m, math.nan) for m in METRICS}
+    downstream = run / "finetune" / "results.json"
+    if downstream.is_file():
+        d = json.loads(downstream.read_text())
+        metric = d["task"]["metrics"][0]
+        metrics[DOWNSTREAM] = next(iter(d["metrics"].values()))[metric]["mean"]
+        metrics["downstream_metric"] = metric
+    return {
+        "dir": run,
+        "summary": summary,
+        "metrics": metrics,
+        "steps": summary["steps"],
+        "tokens": sum(r["tokens"] for r in steps),
+        "seconds": sum(r["step_time_s"] for r in steps),
+        "curve": [(r["step"], r["loss"]) for r in steps],
+    }
+
+
 def collect(grid: Grid, configs: dict[str, TrainConfig]) -> list[dict]:
-    """One row per finished variant: its changes, held-out metrics, training time and loss curve."""
-    rows = []
+    """One row per variant with a finished run: mean metrics over its student seeds, and each
+    metric's delta against the baseline with its standard error (paired over seeds, or a paired
+    bootstrap over held-out tokens / downstream examples with one seed)."""
+    runs: dict[str, dict[int, dict]] = {}
     for name, cfg in configs.items():
-        run = Path(cfg.output_dir)
-        if not (run / SUMMARY_FILE).is_file():
+        done = _finished(cfg)
+        if done is not None:
+            variant, seed = _run_of(name)
+            runs.setdefault(variant, {})[seed] = done
+    downstream = any(DOWNSTREAM in r["metrics"] for seeds in runs.values() for r in seeds.values())
+    metrics = [*METRICS, *([DOWNSTREAM] if downstream else [])]
+    rows = []
+    for variant in grid.variants:
+        if variant not in runs:
             continue
-        summary = json.loads((run / SUMMARY_FILE).read_text())
-        records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-        steps = [r for r in records if "loss" in r]
-        rows.append(
-            {
-                "variant": name,
-                "changes": ", ".join(f"{k}={v}" for k, v in flatten(grid.variants[name]).items()) or "(base)",
-                "steps": summary["steps"],
-                "tokens": sum(r["tokens"] for r in steps),
-                "student_seconds": round(sum(r["step_time_s"] for r in steps), 1),
-                "final_loss": summary["final"]["loss"],
-                **{m: (summary["eval"] or {}).get("student", {}).get(m, math.nan) for m in METRICS},
-                "teacher": (summary["eval"] or {}).get("teacher", {}),
-                "curve": [(r["step"], r["loss"]) for r in steps],
-            }
-        )
+        seeds = runs[variant]
+        first = seeds[min(seeds)]
+        row = {
+            "variant": variant,
+            "changes": ", ".join(f"{k}={v}" for k, v in flatten(grid.variants[variant]).items()) or "(base)",
+            "seeds": len(seeds),
+            "steps": first["steps"],
+            "tokens": sum(r["tokens"] for r in seeds.values()),
+            "student_seconds": round(sum(r["seconds"] for r in seeds.values()), 1),
+            "final_loss": statistics.fmean(r["summary"]["final"]["loss"] for r in seeds.values()),
+            "teacher": (first["summary"]["eval"] or {}).get("teacher", {}),
+            "curve": first["curve"],
+            "downstream_metric": first["metrics"].get("downstream_metric"),
+        }
+        for m in metrics:
+            values = [r["metrics"].get(m, math.nan) for _, r in sorted(seeds.items())]
+            row[m] = statistics.fmean(values)
+        rows.append(row)
     base = next((r for r in rows if r["variant"] == grid.baseline), None)
     for r in rows:
-        for m in METRICS:
-            r[f"delta_{m}"] = r[m] - base[m] if base else math.nan
+        for m in metrics:
+            r[f"delta_{m}"], r[f"se_{m}"] = (
+                _delta(runs, r["variant"], grid.baseline, m) if base else (math.nan, math.nan)
+            )
     return rows
+
+
+def _delta(runs: dict, variant: str, baseline: str, metric: str) -> tuple[float, float]:
+    a, b = runs[variant], runs[baseline]
+    shared = sorted(set(a) & set(b))
+    if len(shared) > 1:
+        return paired_delta(
+            [a[k]["metrics"].get(metric, math.nan) for k in shared],
+            [b[k]["metrics"].get(metric, math.nan) for k in shared],
+        )
+    k = shared[0] if shared else None
+    if k is None:
+        return math.nan, math.nan
+    if metric in TOKEN_METRICS:
+        ta, tb = _tokens(a[k]["dir"]), _tokens(b[k]["dir"])
+        if ta is None or tb is None or len(ta["hit"]) != len(tb["hit"]):
+            return a[k]["metrics"][metric] - b[k]["metrics"][metric], math.nan
+        return bootstrap_delta(TOKEN_METRICS[metric], ta, tb, len(ta["hit"]))
+    if metric == DOWNSTREAM:
+        return _downstream_bootstrap(a[k]["dir"], b[k]["dir"])
+    return a[k]["metrics"].get(metric, math.nan) - b[k]["metrics"].get(metric, math.nan), math.nan
+
+
+def _tokens(run: Path) -> dict[str, np.ndarray] | None:
+    path = run / "eval_tokens.npz"
+    return dict(np.load(path)) if path.is_file() else None
+
+
+def _downstream_bootstrap(a: Path, b: Path) -> tuple[float, float]:
+    """Paired bootstrap over the validation examples of the fine-tuned task (both variants were
+    validated on the same examples), averaging the metric over the recipe's seeds."""
+    runs = [sorted((d / "finetune" / "runs").glob("*/seed-*/result.json")) for d in (a, b)]
+    if not runs[0] or not runs[1]:
+        return math.nan, math.nan
+    results = [[json.loads(p.read_text()) for p in r] for r in runs]
+    metric = json.loads((a / "finetune" / "results.json").read_text())["task"]["metrics"][0]
+    labels = np.asarray(results[0][0]["labels"])
+    preds = {side: np.asarray([r["predictions"] for r in results[i]]) for i, side in enumerate(("a", "b"))}
+
+    def score(p: dict, idx: np.ndarray) -> float:
+        return statistics.fmean(metric_values([metric], labels[idx], row[idx])[metric] for row in p["p"])
+
+    return bootstrap_delta(score, {"p": preds["a"]}, {"p": preds["b"]}, len(labels), rounds=300)
 
 
 def amortisation(cache: str, rows: list[dict]) -> dict:
@@ -104,17 +200,22 @@ def markdown(rows: list[dict], grid: Grid, amort: dict, cache: str) -> str:
     lines = [f"# Ablation `{grid.name}`", ""]
     if grid.description:
         lines += [grid.description.strip(), ""]
+    shown = [*METRICS, *([DOWNSTREAM] if rows[0].get("downstream_metric") else [])]
+    label = {**LABELS, DOWNSTREAM: f"downstream {rows[0].get('downstream_metric')}"}
+    seeds = rows[0]["seeds"]
+    how = f"paired over {seeds} student seeds" if seeds > 1 else "paired bootstrap over the held-out items"
     lines += [
-        f"Cache `{cache}`; held-out split metrics of `pipeline evaluate` (KL at T = 1, exact); "
-        f"deltas against `{grid.baseline}`.",
+        f"Cache `{cache}`; held-out metrics of `pipeline evaluate` (agreement and KL at masked positions, KL at "
+        f"T = 1, exact); means over {seeds} student seed(s); Δ against `{grid.baseline}` ± one standard error "
+        f"({how}).",
         "",
         "| variant | changes | steps | "
-        + " | ".join(f"{LABELS[m]} (Δ)" for m in METRICS)
+        + " | ".join(f"{label[m]} (Δ ± SE)" for m in shown)
         + " | final loss | student s |",
-        "| --- | --- | ---: | " + " | ".join("---:" for _ in METRICS) + " | ---: | ---: |",
+        "| --- | --- | ---: | " + " | ".join("---:" for _ in shown) + " | ---: | ---: |",
     ]
     for r in rows:
-        cells = [f"{_fmt(r[m])} ({_signed(r[f'delta_{m}'])})" for m in METRICS]
+        cells = [f"{_fmt(r[m])} ({_signed(r[f'delta_{m}'])} ± {_se(r[f'se_{m}'])})" for m in shown]
         lines.append(
             f"| {r['variant']} | {r['changes']} | {r['steps']} | "
             + " | ".join(cells)
@@ -122,7 +223,7 @@ def markdown(rows: list[dict], grid: Grid, amort: dict, cache: str) -> str:
         )
     teacher = rows[0]["teacher"]
     if teacher:
-        lines.append("| *teacher* | | | " + " | ".join(_fmt(teacher.get(m, math.nan)) for m in METRICS) + " | | |")
+        lines.append("| *teacher* | | | " + " | ".join(_fmt(teacher.get(m, math.nan)) for m in shown) + " | | |")
     if grid.paper:
         lines += ["", *paper_section(rows, grid)]
     bound = amort.get("lower_bound")
@@ -143,33 +244,31 @@ def markdown(rows: list[dict], grid: Grid, amort: dict, cache: str) -> str:
 
 
 def paper_section(rows: list[dict], grid: Grid) -> list[str]:
-    """Our delta on the primary metric beside the paper's, and whether each direction agrees."""
+    """Our delta beside the paper's: agrees or disagrees when resolved (|Δ| >= 2 SE), else not
+    resolved. The downstream metric is compared when the variants were fine-tuned (the paper's
+    deltas are GLUE scores), else the grid's primary metric."""
     paper = grid.paper or {}
-    metric = grid.primary_metric
-    sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0
-    ours = {r["variant"]: r[f"delta_{metric}"] for r in rows}
+    metric = DOWNSTREAM if rows and rows[0].get("downstream_metric") else grid.primary_metric
+    higher = HIGHER_IS_BETTER.get(metric, True)
+    label = f"downstream {rows[0]['downstream_metric']}" if metric == DOWNSTREAM else LABELS[metric]
+    ours = {r["variant"]: (r[f"delta_{metric}"], r[f"se_{metric}"]) for r in rows}
     lines = [
         f"Against the paper ({paper.get('source', 'reference')}; {paper.get('metric', 'its metric')}):",
         "",
-        f"| variant | paper Δ | our Δ {LABELS[metric]} | direction |",
+        f"| variant | paper Δ | our Δ {label} ± SE | verdict |",
         "| --- | ---: | ---: | --- |",
     ]
-    agree, compared = [], []
+    tally: dict[str, list[str]] = {"agrees": [], "disagrees": [], "not resolved": []}
     for name, delta in (paper.get("deltas") or {}).items():
         if name not in ours:
             continue
-        got = ours[name]
-        same = (math.copysign(1.0, delta) == math.copysign(1.0, sign * got)) and got != 0
-        compared.append(name)
-        if same:
-            agree.append(name)
-        lines.append(f"| {name} | {delta:+.2f} | {_signed(got)} | {'agrees' if same else 'differs'} |")
-    differ = [n for n in compared if n not in agree]
+        got, se = ours[name]
+        v = verdict(got, se, delta, higher)
+        tally[v.split(" (")[0]].append(name)
+        lines.append(f"| {name} | {delta:+.2f} | {_signed(got)} ± {_se(se)} | {v} |")
     lines += [
         "",
-        f"{len(agree)} of {len(compared)} directions agree"
-        + (f" ({', '.join(agree)})" if agree else "")
-        + (f"; {', '.join(differ)} differ{'s' if len(differ) == 1 else ''}." if differ else "."),
+        "; ".join(f"{len(n)} {k}" + (f" ({', '.join(n)})" if n else "") for k, n in tally.items()) + ".",
     ]
     return lines
 
@@ -210,7 +309,7 @@ def _write_csv(rows: list[dict], path: Path) -> None:
 
 
 def _plain(r: dict) -> dict:
-    return {k: v for k, v in r.items() if k not in ("curve", "teacher")}
+    return {k: v for k, v in r.items() if k not in ("curve", "teacher", "dir")}
 
 
 def _fmt(x: float | None) -> str:
@@ -221,3 +320,7 @@ def _fmt(x: float | None) -> str:
 
 def _signed(x: float) -> str:
     return "n/a" if math.isnan(x) else f"{x:+.4f}"
+
+
+def _se(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{x:.4f}"

@@ -31,7 +31,7 @@ from cache_format.hashing import tokenizer_sha256, weights_sha256
 from cache_format.kd_modes import KD_MODES
 from cache_format.reader import CacheReader
 from pipeline.config import to_dict
-from pipeline.dist import init_training
+from pipeline.dist import init_training, resolve_head_dtype, resolve_precision
 from pipeline.errors import DistilcacheError
 from pipeline.versions import library_versions
 from student_train import checkpoint, ds_config, losses
@@ -61,7 +61,7 @@ class Trainer:
         self._check_run_dir()
         self.rank, self.world, self.device = init_training()
         self.cpu = self.device.type == "cpu"
-        self.precision = _resolve_precision(self.cfg.precision, self.cpu)
+        self.precision = resolve_precision(self.cfg.precision, self.cpu)
         _seed_everything(self.cfg.seed)
         self._setup_cache_and_model()
         self._setup_data()
@@ -237,7 +237,7 @@ class Trainer:
         loop = stats.summary()  # the training loop's own time and throughput, before checkpoint and eval
         self.save_checkpoint()
         result = self._evaluate()
-        export = self.export()
+        export = self.export(int(stats.tokens), result)
         summary = loop | {"eval": result, "export": str(export), "run_dir": str(self.run_dir)}
         if self.rank == 0:
             log.info("%s", stats.summary_text(summary, table(result) if result else None))
@@ -286,11 +286,12 @@ class Trainer:
         if self.eval_rows is None:
             return None
         self.engine.eval()
-        outputs = self.reader.settings.outputs
-        forward = lambda ids, att: self.engine(ids, att)  # noqa: E731
-        result = evaluate(
-            forward, self.eval_rows, self.head, outputs.logit_positions, self.cfg.data.micro_batch_size, self.device
-        )
+        positions, final = self.reader.settings.outputs.logit_positions, self.step == self.total_steps
+        args = (self.head, positions, self.cfg.data.micro_batch_size, self.device, final)
+        result = evaluate(self.engine, self.eval_rows, *args)  # final: per-token values too, for ablations
+        per_token = result.pop("per_token", None)
+        if per_token is not None and self.rank == 0:
+            np.savez_compressed(self.run_dir / "eval_tokens.npz", **per_token)
         self.engine.train()
         self.metrics.write({"step": self.step, "eval": result})
         if self.rank == 0:
@@ -330,11 +331,13 @@ class Trainer:
         epoch, batch = record["data"]["epoch"], record["data"]["batch"]
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, epoch, batch)
 
-    def export(self) -> Path:
+    def export(self, tokens: int = 0, evaluation: dict | None = None) -> Path:
         out = self.run_dir / "final"
         if self.rank == 0:
             config = self.module.student.config
-            out = export_student(self.run_dir, self.step, config, self.tokenizer, self.reader, self.cfg)
+            out = export_student(
+                self.run_dir, self.step, config, self.tokenizer, self.reader, self.cfg, tokens, evaluation
+            )
         torch_dist.barrier()
         return out
 
@@ -362,26 +365,6 @@ def _selector(positions: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]
     if bool(positions.all()):
         return lambda x: x.flatten(0, 1)
     return lambda x: x[positions]
-
-
-def _resolve_precision(spec: str, cpu: bool) -> str:
-    p = spec if spec != "auto" else ("fp32" if cpu else ("bf16" if torch.cuda.is_bf16_supported() else "fp16"))
-    if cpu and p == "fp16":
-        raise DistilcacheError("precision=fp16 is not supported on CPU; use fp32 or bf16")
-    return p
-
-
-def resolve_head_dtype(spec: str, device: torch.device) -> torch.dtype:
-    """loss.exact_head_dtype -> dtype: `auto` is bfloat16 where the hardware multiplies it natively."""
-    if spec != "auto":
-        return getattr(torch, spec)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    native = (
-        getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-        or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    )
-    return torch.bfloat16 if native else torch.float32
 
 
 def _seed_everything(seed: int) -> None:

@@ -108,7 +108,7 @@ def test_sweep_killed_then_rerun_finishes_the_rest_without_the_teacher(setup, tm
     no_ce = json.loads((out / "runs" / "no-ce" / "summary.json").read_text())
     assert no_ce["config"]["loss"]["alpha_ce"] == 0.0 and no_ce["final"]["kd"] == 0.0
     md = (out / "results.md").read_text()
-    assert "| no-ce |" in md and "directions agree" in md and "teacher online" in md
+    assert "| no-ce |" in md and "| verdict |" in md and "teacher online" in md
     lines = md.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("| variant"))
     table = lines[start : start + 2 + len(GRID["variants"]) + 1]  # header, rule, variants, teacher

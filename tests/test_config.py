@@ -83,7 +83,9 @@ def test_bad_override_syntax_and_unknown_section(tmp_path):
         load_config(CacheConfig, "cache", tmp_path / "missing.yaml")
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted([*(ROOT / "configs").glob("*.yaml"), *(ROOT / "configs/tasks").glob("*.yaml")]), ids=lambda p: p.name
+)
 def test_every_shipped_config_loads(path):
     doc = yaml.safe_load(path.read_text())
     assert set(doc) <= set(SECTIONS)

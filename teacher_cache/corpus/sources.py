@@ -33,8 +33,10 @@ class CorpusError(DistilcacheError):
     """The corpus cannot be read or yields no text."""
 
 
-def expand_paths(patterns: Iterable[str], key: str = "corpus.paths") -> list[Path]:
-    """Expand files/globs; every pattern must match at least one file."""
+def expand_paths(
+    patterns: Iterable[str], key: str = "corpus.paths", suffixes: Iterable[str] = tuple(TEXT_SUFFIXES)
+) -> list[Path]:
+    """Expand files/globs; every pattern must match at least one file with one of `suffixes`."""
     files: list[Path] = []
     for pattern in patterns:
         matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
@@ -43,8 +45,8 @@ def expand_paths(patterns: Iterable[str], key: str = "corpus.paths") -> list[Pat
             raise CorpusError(f"{key}: no file matches {pattern!r}; check the path or glob")
         files.extend(found)
     for f in files:
-        if f.suffix.lower() not in TEXT_SUFFIXES:
-            known = ", ".join(sorted(TEXT_SUFFIXES))
+        if f.suffix.lower() not in suffixes:
+            known = ", ".join(sorted(suffixes))
             raise CorpusError(f"{key}: {f} has an unsupported extension; use one of {known}")
     return files
 
