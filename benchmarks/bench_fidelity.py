@@ -46,6 +46,7 @@ import torch
 import yaml
 
 from cache_format.kd_modes import BASE_FIELDS, HIDDEN_FIELDS, KD_MODES
+from cache_format.layout import valid_positions
 from cache_format.reader import CacheReader
 from pipeline.config import from_dict
 from student_train.config import TrainConfig
@@ -174,7 +175,7 @@ def sampled_variance(cache: Path, student_dir: Path, draws: list[int], rows: int
     head = reader.head()
     data = load_rows(reader, "eval", rows)
     student = AutoModelForMaskedLM.from_pretrained(student_dir).eval()
-    valid = torch.arange(data["input_ids"].shape[1])[None, :] < data["lengths"][:, None]
+    valid = valid_positions(data["lengths"], data["input_ids"].shape[1])
     logits = student(input_ids=data["input_ids"], attention_mask=valid.long()).logits[valid]
     teacher = head(data["hidden"][valid])
     temperature = float(reader.settings.outputs.sample_temperature)
@@ -200,7 +201,7 @@ def teacher_logit_fidelity(fp16_cache: Path, int8_cache: Path, rows: int = 64) -
     data = {k: load_rows(r, "eval", rows) for k, r in readers.items()}
     ids = data["float16"]["input_ids"]
     assert torch.equal(ids, data["int8"]["input_ids"]), "both caches hold the same held-out rows"
-    valid = torch.arange(ids.shape[1])[None, :] < data["float16"]["lengths"][:, None]
+    valid = valid_positions(data["float16"]["lengths"], ids.shape[1])
     reference = teacher(input_ids=ids, attention_mask=valid.long()).logits[valid]
     head = readers["float16"].head()
     out = {}

@@ -127,3 +127,13 @@ def shard_rows_for(fields: list[FieldSpec], block_rows: int, shard_mb: int, rows
     blocks = max(1, int(shard_mb * 1e6 // (widest * block_rows)))
     needed = -(-rows // block_rows)
     return block_rows * min(blocks, max(needed, 1))
+
+
+def valid_positions(lengths, length: int):
+    """(n, length) bool: the non-pad positions of cached rows (position < the row's `lengths`), the
+    attention mask; a torch tensor for a tensor of lengths, else a numpy array."""
+    import torch
+
+    if isinstance(lengths, torch.Tensor):
+        return torch.arange(length, device=lengths.device)[None, :] < lengths[:, None]
+    return np.arange(length)[None, :] < np.asarray(lengths)[:, None]

@@ -8,6 +8,7 @@ import torch
 from cache_format.encode import decode_values
 from cache_format.hashing import tokenizer_sha256
 from cache_format.kd_modes import KD_MODES, Run, kd_advice, topk_mass
+from cache_format.layout import valid_positions
 from cache_format.reader import CacheReader
 from cache_format.settings import IGNORE_INDEX
 from cache_format.store import CacheError
@@ -72,7 +73,7 @@ def kd_mode_advice(reader: CacheReader, cfg: TrainConfig, rows: int = 64) -> str
     lse = torch.from_numpy(d["logsumexp"][..., column])
     mass = topk_mass(values, lse, loss.temperature)
     labels = torch.from_numpy(d["labels"])
-    valid = torch.arange(labels.shape[1])[None, :] < torch.from_numpy(d["lengths"])[:, None]
+    valid = valid_positions(torch.from_numpy(d["lengths"]), labels.shape[1])
     masked = labels != IGNORE_INDEX
     cached = valid if s.outputs.logit_positions == "all" else masked
     advice = kd_advice(s, k, float(loss.temperature), float(mass[masked].mean()), float(mass[cached].mean()))

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from cache_format.encode import decode_hidden, teacher_top1
+from cache_format.layout import valid_positions
 from cache_format.reader import CacheReader
 from pipeline.errors import DistilcacheError
 from student_train.card import lineage_problem
@@ -79,7 +80,7 @@ def evaluate(
     cos_available = True
     for a in range(0, len(rows["input_ids"]), batch_size):
         b = {k: v[a : a + batch_size].to(device) for k, v in rows.items()}
-        valid = torch.arange(b["input_ids"].shape[1], device=device)[None, :] < b["lengths"][:, None]
+        valid = valid_positions(b["lengths"], b["input_ids"].shape[1])
         logits, hidden = forward(b["input_ids"], valid.long())
         logits = logits.float()
         masked = b["labels"] != IGNORE_INDEX

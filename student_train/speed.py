@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from cache_format.layout import valid_positions
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 
 
@@ -112,7 +114,7 @@ def mlm_speed(models: dict[str, str], input_ids: torch.Tensor, lengths: torch.Te
     from transformers import AutoModelForMaskedLM
 
     loaded = {n: AutoModelForMaskedLM.from_pretrained(p).eval() for n, p in models.items()}
-    mask = (torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]).long()
+    mask = valid_positions(lengths, input_ids.shape[1]).long()
     batches = {}
     for bs in sizes:
         rows = torch.arange(bs) % len(input_ids)

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from cache_format.atomic import write_json_atomic
 from cache_format.hashing import tokenizer_sha256, weights_sha256
 from cache_format.kd_modes import KD_MODES
+from cache_format.layout import valid_positions
 from cache_format.reader import CacheReader
 from pipeline.config import to_dict
 from pipeline.dist import init_training, resolve_head_dtype, resolve_precision
@@ -250,7 +251,7 @@ class Trainer:
         lcfg = self.cfg.loss
         b = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         ids, labels = b["input_ids"], b["labels"]
-        valid = torch.arange(ids.shape[1], device=self.device)[None, :] < b["lengths"][:, None]
+        valid = valid_positions(b["lengths"], ids.shape[1])
         masked = labels != losses.IGNORE_INDEX
         kd_at = valid if lcfg.kd_positions == "all" else masked
         counts = torch.tensor([kd_at.sum(), masked.sum(), valid.sum(), valid.sum()], dtype=torch.float64)

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from cache_format.hashing import tokenizer_sha256, weights_sha256
 from cache_format.head import find_head
+from cache_format.layout import valid_positions
 from cache_format.rng import STREAM_SHUFFLE, permutation
 from pipeline.config import to_dict
 from pipeline.errors import DistilcacheError
@@ -151,7 +152,7 @@ def masked_eval(
 def _masked(packed: PackedSplit, rows: np.ndarray, view: int, seed: int, spec):
     ids = np.asarray(packed.ids[rows])
     masked, labels = mask_batch(ids, rows, view, seed, spec)
-    attention = np.arange(ids.shape[1])[None, :] < packed.lengths[rows][:, None]
+    attention = valid_positions(packed.lengths[rows], ids.shape[1])
     return (
         torch.from_numpy(masked.astype(np.int64)),
         torch.from_numpy(attention).long(),

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from cache_format.encode import encode_hidden, encode_values
-from cache_format.layout import plan_rows, split_seed
+from cache_format.layout import plan_rows, split_seed, valid_positions
 from cache_format.settings import IGNORE_INDEX, OutputsConfig
 from cache_format.store import CacheError
 from teacher_cache.config import CacheConfig
@@ -52,7 +52,7 @@ def prepare_batch(
     ids = np.asarray(packed.ids[seq])
     lengths = packed.lengths[seq]
     masked, labels = mask_batch(ids, seq, view, seed, spec)
-    attention = np.arange(ids.shape[1])[None, :] < lengths[:, None]
+    attention = valid_positions(lengths, ids.shape[1])
     positions = attention if outputs.logit_positions == "all" else labels != IGNORE_INDEX
     draws = None
     if outputs.logits in ("sampled", "both"):
@@ -74,7 +74,7 @@ def capture_shard(
     chunk = teacher.chunk_tokens(cfg.teacher.head_chunk_tokens)
     for b in batches:
         ids = torch.from_numpy(b.input_ids.astype(np.int64))
-        attention = torch.from_numpy(np.arange(ids.shape[1])[None, :] < b.lengths[:, None])
+        attention = torch.from_numpy(valid_positions(b.lengths, ids.shape[1]))
         positions = torch.from_numpy(b.positions)
         draws = None if b.draws is None else (torch.from_numpy(b.draws), out_cfg.sample_temperature)
         k = 0 if out_cfg.logits == "none" else out_cfg.k

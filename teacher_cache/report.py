@@ -9,6 +9,7 @@ import torch
 
 from cache_format.encode import decode_hidden, decode_values, teacher_top1
 from cache_format.kd_modes import KD_MODES, kd_advice, topk_mass
+from cache_format.layout import valid_positions
 from cache_format.reader import CacheReader
 from cache_format.settings import IGNORE_INDEX
 from cache_format.store import CacheStore
@@ -99,7 +100,7 @@ def teacher_stats(reader: CacheReader, split: str = "train", sample_rows: int = 
     temps, k = [float(t) for t in outputs.temperatures], outputs.k
     data = reader.read_rows(split, 0, min(sample_rows, reader.layouts[split].rows))
     labels = torch.from_numpy(data["labels"]).long()
-    valid = torch.arange(labels.shape[1])[None, :] < torch.from_numpy(data["lengths"])[:, None]
+    valid = valid_positions(torch.from_numpy(data["lengths"]), labels.shape[1])
     masked = labels != IGNORE_INDEX
     head = reader.head()
     out: dict = {"rows": int(labels.shape[0]), "k": k, "temperatures": {}, "masked_accuracy": math.nan}
