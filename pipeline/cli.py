@@ -316,7 +316,7 @@ def finetune(
     click.echo(summary["markdown"])
     click.echo(f"table: {cfg.output_dir}/results.md (csv, json beside it)")
     if summary.get("cards_updated"):
-        click.echo(f"model cards updated: {', '.join(summary['cards_updated'])}")
+        click.echo("model cards: " + ", ".join(summary["cards_updated"]))
 
 
 @main.command("fetch-task")

@@ -9,6 +9,8 @@ import json
 import statistics
 from pathlib import Path
 
+import yaml
+
 from cache_format.reader import CacheReader
 from pipeline.config import to_dict
 from pipeline.errors import DistilcacheError
@@ -71,12 +73,17 @@ def write(
     (out / "results.md").write_text(md)
     _write_csv(out / "results.csv", agg, retention, sizes, rel, metrics)
     key = hashlib.sha256(json.dumps(to_dict(cfg.task), sort_keys=True).encode()).hexdigest()[:10]
-    cards = [
-        n
-        for n, p in cfg.models.items()
-        if agg and not p.startswith("random:") and Path(p).is_dir() and add_downstream(Path(p), key, md)
-    ]
-    summary["cards_updated"] = cards
+    summary["cards_updated"] = []
+    for name, path in cfg.models.items() if agg else ():
+        local = Path(path)
+        if not path.startswith("random:") and local.is_dir() and add_downstream(local, key, md):
+            summary["cards_updated"].append(str(local / "README.md"))
+        else:  # not a distilcache student: its own card, beside the results
+            card = out / "cards" / f"{name}.md"
+            card.parent.mkdir(exist_ok=True)
+            meta = yaml.safe_dump({"base_model": path, "tags": ["distilcache", "downstream"]}, sort_keys=False)
+            card.write_text(f"---\n{meta}---\n\n# {name}: downstream results\n\n{md}", encoding="utf-8")
+            summary["cards_updated"].append(str(card))
     summary["markdown"] = md
     return summary
 
