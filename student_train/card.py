@@ -64,7 +64,7 @@ def write_card(directory: Path, lineage: dict, evaluation: dict | None) -> Path:
         "",
         f"# {directory.parent.name}: a student distilled from {teacher['name']}",
         "",
-        f"Distilled with [distilcache](https://github.com/) from a cached teacher: `{teacher['name']}` "
+        f"Distilled with distilcache from a cached teacher: `{teacher['name']}` "
         f"(weights sha256 `{teacher['weights_sha256'][:16]}…`), cache `{lineage['cache']}` "
         f"(fingerprint `{lineage['cache_fingerprint']}`). The teacher never ran while the student trained.",
         "",

@@ -51,7 +51,7 @@ def export_student(
         "teacher": {"name": settings.teacher.name, "weights_sha256": settings.teacher.weights_sha256},
         "tokenizer_sha256": settings.tokenizer.sha256,
         "vocab_size": settings.teacher.vocab_size,
-        "datasets": [corpus.get("name") or corpus.get("source")] + [Path(p).name for p in corpus.get("paths", [])],
+        "datasets": [corpus["name"]] if corpus.get("name") else [Path(p).name for p in corpus.get("paths", [])],
         "student": f"{student_config.model_type}, {getattr(student_config, 'n_layers', '?')} layers",
         "step": step,
         "tokens": tokens,
