@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -115,7 +116,8 @@ def finetune_one(path: str, task: TaskData, recipe: RecipeConfig, seed: int, out
     labels = torch.from_numpy(task.train_labels)
     autocast = device.type == "cuda" and recipe.precision != "fp32"
     start, order, epoch = time.perf_counter(), np.zeros(0, np.int64), 0
-    bar = tqdm(range(steps), desc=f"{out.parent.name} seed {seed}", unit="step", leave=False, mininterval=2.0)
+    tty = sys.stderr.isatty()  # a log file gets the result line, not a bar redrawn every step
+    bar = tqdm(range(steps), desc=f"{out.parent.name} seed {seed}", unit="step", leave=False, disable=not tty)
     for _ in bar:
         if len(order) < bs:  # the next epoch's seeded order, whatever the batch size
             order = np.concatenate([order, permutation(seed, STREAM_TASK, n, view=epoch)])
