@@ -211,7 +211,7 @@ def markdown(rows: list[dict], grid: Grid, amort: dict, cache: str) -> str:
         "",
         "| variant | changes | steps | "
         + " | ".join(f"{label[m]} (Δ ± SE)" for m in shown)
-        + " | final loss | student s |",
+        + " | final loss | student s (all seeds) |",
         "| --- | --- | ---: | " + " | ".join("---:" for _ in shown) + " | ---: | ---: |",
     ]
     for r in rows:
@@ -265,7 +265,8 @@ def paper_section(rows: list[dict], grid: Grid) -> list[str]:
         got, se = ours[name]
         v = verdict(got, se, delta, higher)
         tally[v.split(" (")[0]].append(name)
-        lines.append(f"| {name} | {delta:+.2f} | {_signed(got)} ± {_se(se)} | {v} |")
+        cell = v.replace("|", "\\|")  # a verdict's |Δ| must not split the Markdown cell
+        lines.append(f"| {name} | {delta:+.2f} | {_signed(got)} ± {_se(se)} | {cell} |")
     lines += [
         "",
         "; ".join(f"{len(n)} {k}" + (f" ({', '.join(n)})" if n else "") for k, n in tally.items()) + ".",
@@ -274,26 +275,28 @@ def paper_section(rows: list[dict], grid: Grid) -> list[str]:
 
 
 def plot(rows: list[dict], grid: Grid, path: Path) -> None:
+    """Training-loss curves, then each compared metric's Δ against the baseline with ±2 SE bars:
+    a bar whose whiskers cross zero is not resolved."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric = grid.primary_metric
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    shown = [grid.primary_metric, *([DOWNSTREAM] if rows and rows[0].get("downstream_metric") else [])]
+    fig, axes = plt.subplots(1, 1 + len(shown), figsize=(6 * (1 + len(shown)), 4.5))
     for r in rows:
         steps, losses = zip(*r["curve"], strict=True) if r["curve"] else ((), ())
-        left.plot(steps, losses, label=r["variant"])
-    left.set(xlabel="optimizer step", ylabel="training loss", title="training loss", yscale="log")
-    left.legend(fontsize=8)
-    names = [r["variant"] for r in rows]
-    right.bar(names, [r[metric] for r in rows], color=["C0" if n == grid.baseline else "C1" for n in names])
-    teacher = rows[0]["teacher"].get(metric)
-    if teacher is not None:
-        right.axhline(teacher, color="k", linestyle="--", linewidth=1, label="teacher")
-        right.legend(fontsize=8)
-    right.set(ylabel=LABELS[metric], title=f"held-out {LABELS[metric]} (baseline {grid.baseline})")
-    right.tick_params(axis="x", rotation=30)
+        axes[0].plot(steps, losses, label=r["variant"])
+    axes[0].set(xlabel="optimizer step", ylabel="training loss", title="training loss", yscale="log")
+    axes[0].legend(fontsize=8)
+    others = [r for r in rows if r["variant"] != grid.baseline]
+    for ax, metric in zip(axes[1:], shown, strict=True):
+        label = f"downstream {rows[0]['downstream_metric']}" if metric == DOWNSTREAM else LABELS[metric]
+        errors = [2 * r[f"se_{metric}"] if math.isfinite(r[f"se_{metric}"]) else 0.0 for r in others]
+        ax.bar([r["variant"] for r in others], [r[f"delta_{metric}"] for r in others], yerr=errors, capsize=4)
+        ax.axhline(0.0, color="k", linewidth=1)
+        ax.set(ylabel=f"Δ {label} vs {grid.baseline}", title=f"Δ {label} ± 2 SE ({rows[0]['seeds']} seed(s))")
+        ax.tick_params(axis="x", rotation=30)
     fig.suptitle(f"ablation {grid.name}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

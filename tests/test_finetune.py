@@ -4,6 +4,7 @@ the uncertainty of ablation deltas."""
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -246,3 +247,4 @@ def test_ablate_with_two_seeds_reports_a_standard_error_per_delta(tiny_cache, tm
         resolved = abs(r["delta_masked_accuracy"]) >= 2 * r["se_masked_accuracy"]
         line = next(x for x in md.splitlines() if x.startswith(f"| {name} | {grid['paper']['deltas'][name]:+.2f}"))
         assert ("not resolved" in line) == (not resolved)
+        assert len(re.split(r"(?<!\\)\|", line)) == 6  # 4 cells: a verdict's |Δ| is escaped
