@@ -38,13 +38,14 @@ def check_lineage(models: dict[str, str], cache: str) -> None:
 
 
 def aggregate(results: dict[str, list[dict]], metrics: list[str]) -> dict[str, dict]:
-    """Per model and metric: mean, std over seeds (sample std; 0 with one seed) and the values."""
+    """Per model and metric: mean, std over seeds (sample std; None with one seed, where a spread is
+    unknown rather than zero) and the values."""
     out = {}
     for name, runs in results.items():
         out[name] = {}
         for m in metrics:
             values = [r["metrics"][m] for r in runs]
-            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            std = statistics.stdev(values) if len(values) > 1 else None
             out[name][m] = {"mean": statistics.fmean(values), "std": std, "values": values}
     return out
 
@@ -98,16 +99,17 @@ def markdown(cfg, reference, task, agg, retention, sizes, rel) -> str:
     ]
     if agg:
         r = cfg.recipe
+        spread = "mean ± std over seeds" if len(seeds) > 1 else "one seed: no spread (give `recipe.seeds` more)"
         lines += [
             f"Recipe: lr {r.lr:g}, {r.max_steps or r.epochs} {'steps' if r.max_steps else 'epochs'}, batch "
-            f"{r.batch_size}, max {r.max_seq_len} tokens, seeds {seeds}; mean ± std over seeds; retention = "
+            f"{r.batch_size}, max {r.max_seq_len} tokens, seeds {seeds}; {spread}; retention = "
             f"mean / {reference}'s.",
             "",
             "| model | " + " | ".join(metrics) + f" | retention ({metrics[0]}) |",
             "|---|" + "---:|" * (len(metrics) + 1),
         ]
         for name, a in agg.items():
-            cells = [f"{a[m]['mean']:.4f} ± {a[m]['std']:.4f}" for m in metrics]
+            cells = [_mean_std(a[m]) for m in metrics]
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * retention[name].get(metrics[0], 0):.1f} % |")
         lines.append("")
     if not sizes:
@@ -141,3 +143,7 @@ def _write_csv(path: Path, agg, retention, sizes, rel, metrics) -> None:
                     row[f"retention_{m}"] = retention[n].get(m)
             row.update({f"{k}_vs_reference": v for k, v in rel.get(n, {}).items()})
             writer.writerow(row)
+
+
+def _mean_std(stat: dict) -> str:
+    return f"{stat['mean']:.4f}" + (f" ± {stat['std']:.4f}" if stat["std"] is not None else "")

@@ -76,6 +76,10 @@ def test_regression_reports_pearson_and_spearman(assets, tmp_path):
     assert result["metrics"]["pearson"] == pytest.approx(pearsonr(y, p).statistic)
     assert result["metrics"]["spearman"] == pytest.approx(spearmanr(y, p).statistic)
     assert result["metrics"]["pearson"] > 0.8
+    # one seed: the spread is unknown, not zero
+    assert summary["metrics"]["teacher"]["pearson"]["std"] is None
+    row = next(x for x in (tmp_path / "ft/results.md").read_text().splitlines() if x.startswith("| teacher |"))
+    assert "±" not in row and f"{result['metrics']['pearson']:.4f}" in row
 
 
 def test_string_labels_map_and_round_trip(assets, tmp_path):
