@@ -1,7 +1,7 @@
 """Which cached KD trains the online student? Every KD mode against `--online-teacher`, one run.
 
     python benchmarks/bench_fidelity.py [--steps 60] [--micro-batch 16] [--sequences 1200]
-        [--modes online,exact,exact-int8,sampled,topk_tail,topk_renorm,defaults] [--json OUT]
+        [--modes online,exact,exact-int8,sampled,topk_sampled,topk_tail,topk_renorm,defaults] [--json OUT]
 
 One corpus, one seed, the same masks and micro-batches for every row: the shared teacher
 `../shared/teachers/minilm-l6-mlm` cached over `../shared/data/wikitext2-valid.txt` (documents
@@ -15,6 +15,7 @@ positions (the headline figures), and the hidden-state cosine. Rows:
 - exact: full-vocabulary logits rebuilt from fp16 hidden states through the cached head;
 - exact-int8: the same from int8 hidden states (per-token absmax, fp16 scale), no sparse logits;
 - sampled: RS-KD, 64 draws at T = 2 (and `--train-draws` other counts);
+- topk_sampled: the exact top-64 terms plus the tail from the draws outside the top-64;
 - topk_tail / topk_renorm: the top-64 with one tail bucket / renormalised over the top-64;
 - defaults: a cache built with no `outputs` options and a run with no `loss` options (reuses a
   row above when the defaults resolve to it).
@@ -65,6 +66,7 @@ ROWS = {  # name: (cache outputs, train overrides, online teacher)
     "exact": (OUTPUTS_FULL, {"loss.kd_mode": "exact"}, False),
     "exact-int8": ({"logits": "none", "hidden_dtype": "int8"}, {"loss.kd_mode": "exact"}, False),
     "sampled": (OUTPUTS_FULL, {"loss.kd_mode": "sampled"}, False),
+    "topk_sampled": (OUTPUTS_FULL, {"loss.kd_mode": "topk_sampled"}, False),
     "topk_tail": (OUTPUTS_FULL, {"loss.kd_mode": "topk_tail"}, False),
     "topk_renorm": (OUTPUTS_FULL, {"loss.kd_mode": "topk_renorm"}, False),
     "defaults": ({}, {}, False),

@@ -36,7 +36,7 @@ def _topk_problems(s: CacheSettings, run: Run, mode: str) -> list[str]:
             f"loss.kd_mode={'sampled' if out.logits == 'sampled' else 'exact'} or recache with outputs.logits=both"
         )
         return problems
-    if mode == "topk_tail" and s.lse_column(run.temperature) is None:
+    if mode in ("topk_tail", "topk_sampled") and s.lse_column(run.temperature) is None:
         problems.append(
             f"loss.temperature={run.temperature} is not cached (cache has {[float(t) for t in out.temperatures]}); "
             "use one of them, loss.kd_mode=exact, or recache with it in outputs.temperatures"
@@ -60,7 +60,7 @@ def _sampled_problems(s: CacheSettings, run: Run, mode: str) -> list[str]:
     out = s.outputs
     if not s.has_samples:
         return [
-            f"loss.kd_mode=sampled needs sampled teacher logits, the cache holds "
+            f"loss.kd_mode={mode} needs sampled teacher logits, the cache holds "
             f"{'top-k only' if out.logits == 'topk' else 'none (hidden states only)'}; use loss.kd_mode=exact "
             "or recache with outputs.logits=sampled or both"
         ]
@@ -71,6 +71,11 @@ def _sampled_problems(s: CacheSettings, run: Run, mode: str) -> list[str]:
             f"set loss.temperature={out.sample_temperature}"
         )
     return problems + _position_problems(s, run, mode)
+
+
+def _hybrid_problems(s: CacheSettings, run: Run, mode: str) -> list[str]:
+    both = _topk_problems(s, run, mode) + _sampled_problems(s, run, mode)
+    return list(dict.fromkeys(both))  # the position problem once
 
 
 def _exact_problems(s: CacheSettings, run: Run, mode: str) -> list[str]:
@@ -103,6 +108,12 @@ KD_MODES = {
         KDMode("sampled", ("sample_ids", "sample_counts"), _sampled_problems, faithful=True),
         KDMode("topk_tail", ("topk_values", "topk_indices", "logsumexp"), _topk_problems, faithful=False),
         KDMode("topk_renorm", ("topk_values", "topk_indices"), _topk_problems, faithful=False),
+        KDMode(
+            "topk_sampled",
+            ("topk_values", "topk_indices", "logsumexp", "sample_ids", "sample_counts"),
+            _hybrid_problems,
+            faithful=True,
+        ),
     )
 }
 
@@ -119,7 +130,7 @@ def kd_advice(settings: CacheSettings, k: int, temperature: float, mass_masked: 
     if settings.head:
         faithful.append("loss.kd_mode=exact (exact logits from the cached hidden states: no extra bytes)")
     if settings.has_samples and float(settings.outputs.sample_temperature) == float(temperature):
-        faithful.append("loss.kd_mode=sampled (unbiased)")
+        faithful.append("loss.kd_mode=sampled or topk_sampled (unbiased)")
     use = "; use " + " or ".join(faithful) if faithful else "; recache with outputs.logits=sampled"
     return (
         f"top-{k} holds {100 * mass_masked:.0f} % of the teacher's mass at masked positions at "

@@ -43,12 +43,15 @@ class StudentConfig:
 class LossConfig:
     """The triple loss: alpha_ce * KD + alpha_mlm * MLM + alpha_cos * cosine."""
 
-    kd_mode: Literal["exact", "sampled", "topk_tail", "topk_renorm"] = "exact"
+    kd_mode: Literal["exact", "sampled", "topk_tail", "topk_renorm", "topk_sampled"] = "exact"
     """`exact`: full-vocabulary teacher logits rebuilt from cached hidden states through the cached MLM
     head (any temperature; trains the online student, README "Fidelity"); `sampled`: RS-KD's unbiased
     estimator from the cached teacher samples (outputs.logits: sampled or both); `topk_tail`: exact KL
-    over the k cached tokens plus one tail bucket; `topk_renorm`: teacher renormalised over its top-k.
-    The top-k modes are biased where the top-k hold little mass at T (measured in the README)."""
+    over the k cached tokens plus one tail bucket; `topk_renorm`: teacher renormalised over its top-k;
+    `topk_sampled`: exact top-k terms plus the tail estimated from the cached samples outside the
+    top-k (unbiased; needs outputs.logits: both).
+    `topk_tail` and `topk_renorm` are biased where the top-k hold little mass at T (measured in the
+    README)."""
     temperature: float = 2.0
     """KD temperature (topk modes need it among the cache's temperatures; `sampled` needs the
     cache's outputs.sample_temperature)."""

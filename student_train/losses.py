@@ -1,4 +1,4 @@
-"""Distillation losses (pure functions of tensors): KD in three modes, MLM, cosine.
+"""Distillation losses (pure functions of tensors): KD in five modes, MLM, cosine.
 
 Every KD function returns the per-token KL(teacher || student) at temperature T, multiplied by
 T^2 (Hinton et al.; keeps gradient scale comparable across T), for (n, V) student logits of the
@@ -14,6 +14,8 @@ n positions being distilled.
   their counts; sum_i (c_i / n) * -log q_i is an unbiased estimate of the cross-entropy
   H(p, q) = KL(p || q) + H(p), so its gradient is an unbiased estimate of the KL's. Its value
   is offset from the KL by the teacher's entropy (a constant of the student).
+- `kd_topk_sampled`: the exact KL terms of the top-k plus the tail's cross-entropy estimated
+  from the draws outside the top-k: unbiased like `kd_sampled`, with only the tail noisy.
 - `kd_full` / `kd_exact`: the full-vocabulary KL; `exact` rebuilds the teacher logits from
   cached hidden states through the cached MLM head, in row chunks to bound memory.
 """
@@ -228,6 +230,32 @@ def kd_sampled(
     return -(weights * log_q).sum(-1) * temperature**2
 
 
+def kd_topk_sampled(
+    student_logits: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    lse: torch.Tensor,
+    ids: torch.Tensor,
+    counts: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """(n,) hybrid KD: the exact KL terms of the k cached top tokens, plus the tail's cross-entropy
+    estimated from the cached teacher draws that fell outside the top-k, * T^2.
+
+    A draw x ~ p lands in the tail with probability P_tail, so (1/n) sum over tail draws of
+    -log q_x is an unbiased estimate of -sum_tail p_j log q_j: the whole gradient is unbiased,
+    and only the tail is noisy (the draws that hit the top-k cost nothing). The value estimates
+    KL + T^2 * H_tail (the tail's share of the teacher entropy), as `kd_sampled` includes T^2 * H.
+    """
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (n, V)
+    log_p_top, _ = teacher_topk_log_probs(values, lse, temperature)
+    top = (log_p_top.exp() * (log_p_top - log_q.gather(-1, indices))).sum(-1)
+    counts = counts.float()
+    in_tail = (ids[:, :, None] != indices[:, None, :]).all(-1)  # (n, S): the draw is not a top-k id
+    weights = counts * in_tail / counts.sum(-1, keepdim=True).clamp_min(1.0)
+    return (top - (weights * log_q.gather(-1, ids)).sum(-1)) * temperature**2
+
+
 def kd_sampled_std(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, n_samples: int
 ) -> torch.Tensor:
@@ -257,6 +285,9 @@ KD_LOSSES: dict[str, KDLoss] = {
     "sampled": lambda s, t, T, h: kd_sampled(s, t["sample_ids"], t["sample_counts"], T),
     "topk_tail": lambda s, t, T, h: kd_topk_tail(s, t["topk_values"], t["topk_indices"], t["logsumexp"], T),
     "topk_renorm": lambda s, t, T, h: kd_topk_renorm(s, t["topk_values"], t["topk_indices"], T),
+    "topk_sampled": lambda s, t, T, h: kd_topk_sampled(
+        s, t["topk_values"], t["topk_indices"], t["logsumexp"], t["sample_ids"], t["sample_counts"], T
+    ),
 }
 """Per-token KD of each mode (cache_format.kd_modes.KD_MODES) from (n, V) student logits and the
 teacher fields the mode reads (decoded, at the same n positions)."""

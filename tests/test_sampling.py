@@ -97,6 +97,52 @@ def test_sampled_kd_standard_deviation_over_draws_is_the_stated_variance_cost(lo
     assert quadrupled == pytest.approx(stated / 2, rel=1e-6)
 
 
+def per_row_gradients(loss_fn, student: torch.Tensor) -> torch.Tensor:
+    """(REPEATS, V) gradient of each draw set's estimate (one student copy per row)."""
+    rows = student.expand(REPEATS, V).clone().requires_grad_(True)
+    loss_fn(rows).sum().backward()
+    return rows.grad
+
+
+def hybrid(rows: torch.Tensor, teacher: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor, k: int = 2):
+    values, top = teacher.topk(k)
+    lse = torch.logsumexp(teacher / T, -1)
+    n = rows.shape[0]
+    return losses.kd_topk_sampled(rows, values.expand(n, k), top.expand(n, k), lse.expand(n), ids, counts.float(), T)
+
+
+def test_hybrid_topk_sampled_kd_is_unbiased_with_less_variance_than_sampled(logits):
+    """Exact top-k terms + the tail from the draws outside the top-k: the mean gradient over
+    REPEATS draw sets is the exact KL gradient (5 standard errors of the per-set gradients), and
+    the per-set spread is below RS-KD's from the same draws (the top-k part is not sampled)."""
+    teacher, student = logits
+    ids, counts = draw(teacher, REPEATS, DRAWS)
+    got = per_row_gradients(lambda r: hybrid(r, teacher, ids, counts), student)
+    rs_kd = per_row_gradients(lambda r: losses.kd_sampled(r, ids, counts.float(), T), student)
+    full = gradient(lambda s: losses.kd_full(s[None], teacher[None], T).sum(), student)
+    se = got.std(0) / REPEATS**0.5
+    assert ((got.mean(0) - full).abs() <= 5 * se + 1e-12).all(), (got.mean(0), full)
+    assert (got.std(0) < rs_kd.std(0)).all(), (got.std(0), rs_kd.std(0))
+    values, top = teacher.topk(2)  # the same test tells the biased top-2 renorm apart
+    renorm = gradient(lambda s: losses.kd_topk_renorm(s[None], values[None], top[None], T).sum(), student)
+    assert ((renorm - full).abs() > 5 * se).any()
+
+
+def test_hybrid_value_estimates_kl_plus_the_tail_entropy(logits):
+    teacher, student = logits
+    ids, counts = draw(teacher, REPEATS, DRAWS)
+    value = hybrid(student.expand(REPEATS, V), teacher, ids, counts)
+    p = torch.softmax(teacher / T, -1)
+    tail = torch.ones(V, dtype=torch.bool)
+    tail[teacher.topk(2).indices] = False
+    tail_entropy = -(p[tail] * p[tail].log()).sum() * T**2
+    kl = losses.kd_full(student[None], teacher[None], T)[0]
+    se = value.std() / REPEATS**0.5
+    assert abs(float(value.mean() - (kl + tail_entropy))) <= 5 * float(se)
+    everything = hybrid(student[None], teacher, torch.zeros(1, 1, dtype=torch.int64), torch.zeros(1, 1), k=V)
+    assert float(everything[0]) == pytest.approx(float(kl), rel=1e-6)  # k = V: no tail, the exact KL
+
+
 def test_rows_without_samples_give_zero():
     ids = torch.zeros(2, 4, dtype=torch.int64)
     counts = torch.tensor([[3.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])

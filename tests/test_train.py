@@ -82,7 +82,7 @@ def test_cached_mode_never_runs_the_teacher_and_exports_a_loadable_model(tiny_ca
 
 
 def test_truncated_topk_and_sampled_modes_train_from_the_cache_alone(tiny_cache, tmp_path, monkeypatch):
-    """loss.topk and kd_mode=sampled read only the cache; at the first step (same weights, same
+    """loss.topk, kd_mode=sampled and topk_sampled read only the cache; at the first step (same weights, same
     batch) coarser buckets give no larger a KL (k=4 <= k=16; the tiny teacher is near uniform, so
     both are ~0), and the sampled estimate of KL + T^2 H(teacher) carries the teacher's entropy
     (~ln 300 nats for the tiny near-uniform teacher)."""
@@ -98,12 +98,14 @@ def test_truncated_topk_and_sampled_modes_train_from_the_cache_alone(tiny_cache,
         "k16": {"loss.kd_mode": "topk_tail"},
         "k4": {"loss.kd_mode": "topk_tail", "loss.topk": 4},
         "sampled": {"loss.kd_mode": "sampled"},
+        "hybrid": {"loss.kd_mode": "topk_sampled"},
     }.items():
         train(tiny_cache, tmp_path / name, max_steps=2, **changes)
         records = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         first_kd[name] = next(r["kd"] for r in records if "kd" in r)
     assert first_kd["k4"] != first_kd["k16"] and first_kd["k4"] <= first_kd["k16"] + 1e-6
     assert first_kd["sampled"] > 2.0**2 * 4.0
+    assert first_kd["hybrid"] > 2.0**2 * 4.0  # the tail's entropy: the top-16 hold little of ~300 ids
 
 
 def test_zero2_and_zero3_give_the_same_losses(tiny_cache, tmp_path):
