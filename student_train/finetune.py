@@ -74,12 +74,7 @@ def load_classifier(path: str, task: TaskData):
 
 
 def _encode(tokenizer, text: list[str], pair: list[str] | None, max_len: int) -> list[list[int]]:
-    enc = (
-        tokenizer(text, pair, truncation=True, max_length=max_len)
-        if pair
-        else tokenizer(text, truncation=True, max_length=max_len)
-    )
-    return enc["input_ids"]
+    return tokenizer(text, pair, truncation=True, max_length=max_len)["input_ids"]
 
 
 def _collate(ids: list[list[int]], rows: np.ndarray, pad: int, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -87,7 +82,7 @@ def _collate(ids: list[list[int]], rows: np.ndarray, pad: int, device: torch.dev
     batch = torch.full((len(rows), width), pad, dtype=torch.long)
     for j, i in enumerate(rows):
         batch[j, : len(ids[i])] = torch.tensor(ids[i])
-    return batch.to(device), (batch != pad).long().to(device) if pad is not None else None
+    return batch.to(device), (batch != pad).long().to(device)
 
 
 def finetune_one(path: str, task: TaskData, recipe: RecipeConfig, seed: int, out: Path, device: torch.device) -> dict:
@@ -131,7 +126,8 @@ def finetune_one(path: str, task: TaskData, recipe: RecipeConfig, seed: int, out
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix_str(f"loss {loss.item():.4f}", refresh=False)
+        if tty:  # loss.item() waits for the device: only when a bar shows it
+            bar.set_postfix_str(f"loss {loss.item():.4f}", refresh=False)
     seconds = time.perf_counter() - start
     predictions = _predict(model, eval_ids, pad, task, recipe, device)
     if recipe.save_models:

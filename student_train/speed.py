@@ -16,14 +16,12 @@ from cache_format.layout import valid_positions
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 
 
-def size_of(model: torch.nn.Module, directory: str | Path | None) -> dict:
-    """Parameters (as `num_parameters` counts them) and the bytes of the weight files on disk."""
-    total = model.num_parameters() if hasattr(model, "num_parameters") else sum(p.numel() for p in model.parameters())
-    without = model.num_parameters(exclude_embeddings=True) if hasattr(model, "num_parameters") else total
+def size_of(model, directory: str | Path | None) -> dict:
+    """A Hugging Face model's parameters (as `num_parameters` counts them) and the bytes of the weight files on disk."""
     files = [p for p in Path(directory).rglob("*") if p.suffix in WEIGHT_SUFFIXES] if directory else []
     return {
-        "parameters": int(total),
-        "non_embedding_parameters": int(without),
+        "parameters": int(model.num_parameters()),
+        "non_embedding_parameters": int(model.num_parameters(exclude_embeddings=True)),
         "bytes": sum(f.stat().st_size for f in files),
     }
 

@@ -31,6 +31,7 @@ from student_train.trainer import run_train
 from teacher_cache.config import CacheConfig
 from teacher_cache.run import run_cache
 from tests.conftest import assert_same_arrays
+from tests.test_defaults import train_raw
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,18 +122,7 @@ def shard_file(cache: Path, split: str, shard: int, field: str) -> Path:
 
 
 def train_cfg(cache: Path, out: Path) -> TrainConfig:
-    return from_dict(
-        TrainConfig,
-        {
-            "cache": str(cache),
-            "output_dir": str(out),
-            "max_steps": 2,
-            "eval_sequences": 4,
-            "deepspeed_config": str(ROOT / "configs/deepspeed/zero2.json"),
-            "student": {"layers": 1},
-            "data": {"micro_batch_size": 4, "mix_blocks": 2, "num_workers": 0},
-        },
-    )
+    return from_dict(TrainConfig, train_raw(cache, out))
 
 
 @pytest.mark.parametrize("damage", ["deleted", "truncated"])
