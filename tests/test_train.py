@@ -190,8 +190,13 @@ def test_online_teacher_equals_exact_mode_from_fp32_hidden_states(assets, tiny_c
             {"loss.kd_mode": "sampled", "loss.temperature": 1.0},
             r"loss.temperature=1.0 but the cache sampled the teacher at T=2.0; set loss.temperature=2.0",
         ),
+        (
+            {"loss.kd_mode": "topk_sampled", "loss.temperature": 1.0},
+            r"loss.temperature=1.0 but the cache sampled the teacher at T=2.0; set loss.temperature=2.0",
+        ),
+        ({"loss.kd_mode": "topk_sampled", "loss.topk": 17}, "loss.topk=17 exceeds the cached k=16"),
     ],
-    ids=["temperature", "width", "split", "teacher-weights", "topk", "sample-temperature"],
+    ids=["temperature", "width", "split", "teacher-weights", "topk", "sample-temperature", "hybrid-T", "hybrid-k"],
 )
 def test_mismatched_runs_are_refused(tiny_cache, tmp_path, changes, match):
     with pytest.raises(DistilcacheError, match=match):
