@@ -9,6 +9,14 @@ that a heartbeat thread renews while its process lives: one whose expiry passed,
 process is gone (same host, PID not running), is stale — a dead worker's shard is taken over
 by creating the next generation. This works the same on a filesystem and on object storage
 (exclusive create = conditional put).
+
+Fencing: the token in a lock or lease file says who holds it. The heartbeat renews a writer lock
+or a shard lease only while the file still holds its own token, so a process that was paused
+past its expiry (a suspended laptop, a preempted VM) never takes back a lock another process
+took meanwhile, and its `check()`, called before every shard write, commit and manifest, stops
+it with an error: it writes nothing more. Expiries are absolute times, compared with the
+observer's clock: a holder renews every TTL/4 to TTL from now, so clocks may disagree by up to
+3/4 of the TTL (90 s at the default 120 s) before a live holder is judged expired.
 """
 
 from __future__ import annotations
@@ -24,10 +32,12 @@ import time
 import uuid
 
 from cache_format.storage import Storage
-from cache_format.store import LOCKS, CacheError
+from cache_format.store import LOCKS
+from pipeline.errors import CacheError
 
 log = logging.getLogger(__name__)
 WRITER = f"{LOCKS}/writer.json"
+LEASES = "leases"
 
 
 TTL_S = float(os.environ.get("DISTILCACHE_LEASE_TTL_S", "120"))
@@ -45,17 +55,23 @@ def _record(kind: str) -> dict:
     }
 
 
+class LostLock(CacheError):
+    """This process no longer holds the lock or lease it wrote under."""
+
+
 class _Heartbeat:
     """One daemon thread per process renewing the expiry of every lock and lease it holds."""
 
     def __init__(self) -> None:
-        self._held: dict[tuple[int, str], tuple[Storage, dict]] = {}
+        self._held: dict[tuple[int, str], tuple[Storage, dict, bool]] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def hold(self, storage: Storage, key: str, record: dict) -> None:
+    def hold(self, storage: Storage, key: str, record: dict, exclusive: bool = True) -> None:
+        """Renew `key` while this process lives; an `exclusive` one (a writer lock, a shard lease)
+        only while its file still holds this record's token."""
         with self._lock:
-            self._held[(id(storage), key)] = (storage, record)
+            self._held[(id(storage), key)] = (storage, record, exclusive)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="lease-heartbeat", daemon=True)
                 self._thread.start()
@@ -69,9 +85,12 @@ class _Heartbeat:
             time.sleep(TTL_S / 4)
             with self._lock:
                 held = list(self._held.items())
-            for (_, key), (storage, record) in held:
-                record["expires"] = time.time() + TTL_S
+            for (_, key), (storage, record, exclusive) in held:
                 with contextlib.suppress(OSError, RuntimeError):  # a missed beat: the next one retries
+                    if exclusive and (_read(storage, key) or {}).get("token") != record["token"]:
+                        self.drop(storage, key)  # taken over meanwhile: never write it back
+                        continue
+                    record["expires"] = time.time() + TTL_S
                     storage.write_bytes(key, json.dumps(record).encode())
 
 
@@ -107,17 +126,42 @@ def describe(record: dict) -> str:
 
 
 def live_holders(storage: Storage, exclude_token: str | None = None) -> list[str]:
-    """Descriptions of the live writer and readers of a cache (stale ones are removed)."""
+    """Descriptions of the live writer, readers and capture workers of a cache (stale locks are
+    removed; stale worker leases stay, they number the next generation)."""
     holders = []
-    for key in storage.list(LOCKS):
+    for key in storage.list(LOCKS) + storage.list(LEASES):
         record = _read(storage, key)
         if record is None or record.get("token") == exclude_token:
             continue
         if is_alive(record):
             holders.append(describe(record))
-        else:
+        elif key.startswith(f"{LOCKS}/"):
             storage.delete(key)
     return holders
+
+
+def _lost(storage: Storage, key: str, expires: float | None, what: str) -> LostLock:
+    current = _read(storage, key)
+    holder = describe(current) if current else "nobody: the file was removed"
+    when = f" at {time.strftime('%H:%M:%S', time.localtime(expires))}" if expires else ""
+    return LostLock(
+        f"{storage.url}: this {what} lost its {key} (held now by {holder}; its lease expired{when}, e.g. while "
+        "the process was paused) and stopped without writing anything more; rerun the same command once the "
+        "other writer is done"
+    )
+
+
+class Fence:
+    """Raises LostLock unless the writer lock still holds `token`: what every process of a capture
+    group (rank 0 holds the lock) calls before it writes a shard, commits it or writes the manifest."""
+
+    def __init__(self, storage: Storage, token: str, record: dict | None = None):
+        self.storage, self.token, self.record = storage, token, record
+
+    def __call__(self) -> None:
+        if (_read(self.storage, WRITER) or {}).get("token") != self.token:
+            expires = self.record["expires"] if self.record else None
+            raise _lost(self.storage, WRITER, expires, "capture")
 
 
 class WriterLock:
@@ -146,6 +190,11 @@ class WriterLock:
             self.storage.delete(WRITER)
         raise CacheError(f"could not lock {self.storage.url} for writing; retry")
 
+    def check(self) -> None:
+        """Raise LostLock unless the lock file still holds this writer's token (the fence before
+        every shard write, commit and manifest)."""
+        Fence(self.storage, self.token, self.record)()
+
     def release(self) -> None:
         HEARTBEAT.drop(self.storage, WRITER)
         current = _read(self.storage, WRITER)
@@ -168,7 +217,7 @@ class ReaderLease:
         self.key = f"{LOCKS}/reader-{self.record['host']}-{self.record['pid']}-{self.record['token'][:8]}.json"
         try:
             self.storage.write_bytes(self.key, json.dumps(self.record).encode())
-            HEARTBEAT.hold(self.storage, self.key, self.record)
+            HEARTBEAT.hold(self.storage, self.key, self.record, exclusive=False)
         except (OSError, RuntimeError):  # a read-only cache: nobody can overwrite it either
             self.key = None
         atexit.register(self.close)
@@ -179,9 +228,6 @@ class ReaderLease:
             with contextlib.suppress(OSError, RuntimeError):
                 self.storage.delete(self.key)
             self.key = None
-
-
-LEASES = "leases"
 
 
 def _generation(key: str) -> int:
@@ -213,6 +259,15 @@ class ShardLease:
         key = f"{prefix}{generation}.json"
         return cls(storage, key, record) if storage.create(key, json.dumps(record).encode()) else None
 
+    def check(self) -> None:
+        """Raise LostLock unless this lease file still holds this worker's token and no later
+        generation claimed the shard (its lease expired and another worker took it over)."""
+        prefix, mine = self.key.rsplit(".", 2)[0] + ".", _generation(self.key)
+        newer = [k for k in self.storage.list(LEASES) if k.startswith(prefix) and _generation(k) > mine]
+        if newer or (_read(self.storage, self.key) or {}).get("token") != self.record["token"]:
+            raise _lost(self.storage, newer[0] if newer else self.key, self.record["expires"], "capture worker")
+
     def release(self) -> None:
         HEARTBEAT.drop(self.storage, self.key)
-        self.storage.delete(self.key)
+        if (_read(self.storage, self.key) or {}).get("token") == self.record["token"]:
+            self.storage.delete(self.key)

@@ -15,10 +15,53 @@ import time
 
 from cache_format.head import HEAD_FILE
 from cache_format.layout import FieldSpec, SplitLayout
-from cache_format.store import FORMAT, FORMAT_VERSION, TEACHER_DIR, CacheStore
+from cache_format.storage import safe_key
+from cache_format.store import FORMAT, FORMAT_VERSION, HEADER, TEACHER_DIR, CacheStore
 
 HEADER_KEYS = ("format", "format_version", "fingerprint", "identity", "layout", "teacher", "tokenizer", "corpus")
 """What the header and the manifest both hold: they must agree."""
+
+
+MANIFEST_KEYS = (
+    *HEADER_KEYS,
+    "created",
+    "completed",
+    "head",
+    "teacher_files",
+    "metadata",
+    "counts",
+    "versions",
+    "config",
+    "shards",
+    "header",
+)
+"""Every key a v3 manifest holds. One that is missing is refused, never read as "nothing to check"."""
+_FILE_GROUPS = ("metadata", "teacher_files")
+
+
+def manifest_problems(manifest: dict) -> list[str]:
+    """What makes a manifest unusable as the record of a cache (empty when it is complete)."""
+    if not isinstance(manifest, dict):
+        return ["is not a JSON object"]
+    missing = [k for k in MANIFEST_KEYS if k not in manifest]
+    if missing:
+        return [f"lacks `{missing[0]}`, which the format requires (edited or truncated)"]
+    problems = []
+    for group in _FILE_GROUPS:
+        records = manifest[group]
+        if not isinstance(records, dict) or not records:
+            problems.append(f"`{group}` records no file")
+            continue
+        for key, meta in records.items():
+            if not safe_key(key):
+                problems.append(f"`{group}` names a path outside the cache ({key})")
+            elif not isinstance(meta, dict) or not isinstance(meta.get("bytes"), int) or not meta.get("sha256"):
+                problems.append(f"`{group}` has no size and sha256 for {key}")
+    if HEADER not in manifest["metadata"]:
+        problems.append(f"`metadata` does not record {HEADER}")
+    if not isinstance(manifest["shards"], list):
+        problems.append("`shards` is not a list of commit records")
+    return problems
 
 
 def fingerprint(identity: dict) -> str:
@@ -91,4 +134,5 @@ def build_manifest(store: CacheStore, records: dict, config: dict, versions: dic
         "versions": {**versions, "python": platform.python_version()},
         "config": config,
         "shards": [records[k] for k in sorted(records)],
+        "header": header,  # the header as written: `verify --repair` restores a torn one from it
     }

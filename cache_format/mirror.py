@@ -23,7 +23,7 @@ from pathlib import Path
 
 from cache_format.atomic import PARTIAL
 from cache_format.storage import ObjectStorage
-from cache_format.store import CacheError
+from pipeline.errors import CacheError
 
 log = logging.getLogger(__name__)
 RECENT_S = 60.0
@@ -42,7 +42,7 @@ class ShardMirror:
     def path(self, key: str) -> Path:
         return self.root / key
 
-    def ensure(self, key: str, size: int) -> Path:
+    def ensure(self, key: str, size: int, sha256: str) -> Path:
         """The local copy of `key` (downloaded if absent or of another size), marked as just used."""
         future = self._ahead.pop(key, None)
         if future is not None:
@@ -51,29 +51,33 @@ class ShardMirror:
         if _size(target) != size:
             with self._locked(key):
                 if _size(target) != size:  # another process may have fetched it meanwhile
-                    self._download(key, target, size)
+                    self._download(key, target, size, sha256)
         os.utime(target)  # recency, for eviction
         return target
 
-    def prefetch(self, files: list[tuple[str, int]]) -> None:
+    def prefetch(self, files: list[tuple[str, int, str]]) -> None:
         """Fetch these files in the background (read-ahead of the next blocks)."""
-        for key, size in files:
+        for key, size, sha256 in files:
             if key not in self._ahead and _size(self.path(key)) != size:
-                self._ahead[key] = self._pool.submit(self.ensure_quietly, key, size)
+                self._ahead[key] = self._pool.submit(self.ensure_quietly, key, size, sha256)
 
-    def ensure_quietly(self, key: str, size: int) -> None:
+    def ensure_quietly(self, key: str, size: int, sha256: str) -> None:
         with contextlib.suppress(Exception), self._locked(key):  # a failed read-ahead: the read retries
             target = self.path(key)
             if _size(target) != size:
-                self._download(key, target, size)
+                self._download(key, target, size, sha256)
 
-    def _download(self, key: str, target: Path, size: int) -> None:
+    def _download(self, key: str, target: Path, size: int, sha256: str) -> None:
+        """Fetch one shard file; its bytes must be the ones its commit record hashed (an object
+        replaced or copied in from elsewhere is refused before anything reads it)."""
         data = self.storage.read_bytes(key)
-        if len(data) != size:
-            raise CacheError(
-                f"{self.storage.url}/{key} has {len(data)} bytes, the manifest records {size}; "
-                f"run `pipeline verify {self.storage.url}`"
+        if len(data) != size or hashlib.sha256(data).hexdigest() != sha256:
+            what = (
+                f"has {len(data)} bytes, the manifest records {size}"
+                if len(data) != size
+                else "differs from its record"
             )
+            raise CacheError(f"{self.storage.url}/{key} {what}; run `pipeline verify {self.storage.url}`")
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}{PARTIAL}")
         tmp.write_bytes(data)
@@ -106,15 +110,6 @@ class ShardMirror:
                 break  # everything left is in use
             p.unlink(missing_ok=True)
             total -= stat.st_size
-
-    def mirror_files(self, keys: list[str]) -> None:
-        """Copy small files (metadata) once, unconditionally fresh."""
-        for key in keys:
-            target = self.path(key)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}{PARTIAL}")
-            tmp.write_bytes(self.storage.read_bytes(key))
-            os.replace(tmp, target)
 
 
 def _size(path: Path) -> int | None:

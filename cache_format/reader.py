@@ -1,27 +1,32 @@
 """Read access to a complete cache, checked when it opens and on every read.
 
 Opening (training, evaluation, inspection) refuses a cache whose header and manifest disagree,
-whose identity does not hash to its fingerprint, whose metadata files (cache.json, every
-zarr.json) differ from the hashes the manifest recorded, or whose shard files are missing or
-have another size than recorded. Every read checks that the shard files it touches are still
-there (zarr would return fill values for a missing one), and every inner chunk's CRC32C is
-verified as it is decoded: damaged data is an error naming the split, the field and the shard,
-never numbers.
+whose identity does not hash to its fingerprint, whose manifest lacks a record the format
+requires, whose metadata files (cache.json, every zarr.json) differ from the hashes the manifest
+recorded or are not all recorded, whose commit records name another place, cache or layout than
+their own, or whose shard files are missing or have another size than recorded. Every read
+checks each inner chunk twice: its CRC32C against its bytes (a flipped byte) and against the CRC
+its commit record holds for that (split, field, shard, chunk) (bytes in the wrong place). The
+teacher files that make the exact-KD targets are hashed on first use. Damaged data is an error
+naming the split, the field and the shard, never numbers.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-import zarr
-from zarr.storage import LocalStore
 
+from cache_format.chunks import EMPTY, ChunkError, ChunkLayout, decode_chunk, decode_crcs, parse_index, parse_layout
 from cache_format.head import load_head
 from cache_format.lock import ReaderLease
-from cache_format.manifest import HEADER_KEYS, fingerprint
+from cache_format.manifest import HEADER_KEYS, fingerprint, manifest_problems
 from cache_format.mirror import ShardMirror
 from cache_format.settings import (
     DEFAULT_CACHE_DIR,
@@ -31,15 +36,23 @@ from cache_format.settings import (
     TeacherInfo,
     TokenizerInfo,
 )
-from cache_format.storage import LocalStorage, open_storage
-from cache_format.store import DATA, FORMAT, FORMAT_VERSION, HEADER, MANIFEST, TEACHER_DIR, CacheError, CacheStore
+from cache_format.storage import LocalStorage, Storage, open_storage
+from cache_format.store import (
+    DATA,
+    FORMAT,
+    FORMAT_VERSION,
+    HEADER,
+    MANIFEST,
+    TEACHER_DIR,
+    CacheStore,
+    chunk_layout,
+    record_problem,
+)
 from pipeline.config import from_dict
-from pipeline.errors import ConfigError
+from pipeline.errors import CacheError, ConfigError
 
-
-def _safe_key(key: str) -> bool:
-    """A manifest path must stay inside the cache."""
-    return not key.startswith(("/", "\\")) and ".." not in key.replace("\\", "/").split("/")
+INDEX_CACHE = 4096
+"""Shard indexes kept per process (each is 16 bytes a chunk): bounded whatever the shard count."""
 
 
 class CacheReader:
@@ -77,21 +90,31 @@ class CacheReader:
                 f"{self.url} is incomplete (no {MANIFEST}); rerun `pipeline cache-teacher` with the same config "
                 "to finish it"
             )
-        self.fields = {f.name: f for f in self.store.fields()}
-        self.layouts = self.store.layouts()
-        self._files = self._shard_files(strict=check) if self.manifest is not None else {}
+        try:
+            self.fields = {f.name: f for f in self.store.fields()}
+            self.layouts = self.store.layouts()
+        except (KeyError, TypeError, ValueError) as exc:
+            raise self._damaged(f"{HEADER} does not describe a layout ({exc})") from None
+        self._chunks = {
+            (s, f.name): chunk_layout(f, lay) for s, lay in self.layouts.items() for f in self.fields.values()
+        }
+        self._records: dict[tuple[str, int], dict] = {}
+        if self.manifest is not None:
+            problems = manifest_problems(self.manifest)
+            if problems:
+                raise self._damaged(f"{MANIFEST} {problems[0]}")
+            self._records = self._shard_records(strict=check)
         if check and self.manifest is not None:
             self._check_open()
         self.settings = self._settings()
         self.mirror = None
-        store = self.storage.zarr_store(read_only=True)
+        self._data: Storage = self.storage
         if local_cache is not None and local_cache[1] > 0 and not self.is_local:
             root = Path(local_cache[0]).expanduser() / self.header["fingerprint"]
             self.mirror = ShardMirror(self.storage, root, int(local_cache[1] * 1e9))
-            self.mirror.mirror_files(self.store.metadata_keys()[1:])  # every zarr.json
-            store = LocalStore(root, read_only=True)
-        self._root = zarr.open_group(store=store, path=DATA, mode="r")
-        self._seen: set[tuple[str, str, int]] = set()
+            self._data = LocalStorage(root)
+        self._indexes: OrderedDict[tuple[str, str, int], np.ndarray] = OrderedDict()
+        self._teacher_dir: Path | None = None
         self._lease = ReaderLease(self.storage) if lease else None
 
     @property
@@ -118,17 +141,19 @@ class CacheReader:
             f"{self.url}: {what}; run `pipeline verify {self.url}` (and `--repair`, then rerun cache-teacher)"
         )
 
-    def _shard_files(self, strict: bool) -> dict[tuple[str, str, int], tuple[str, int]]:
-        """(split, field, shard) -> (storage key, recorded bytes), from the manifest; a path that
-        leaves the cache is refused (`strict`) or left out (then reading that shard is refused)."""
+    def _shard_records(self, strict: bool) -> dict[tuple[str, int], dict]:
+        """(split, shard) -> commit record, from the manifest; a record that names another place,
+        cache or layout is refused (`strict`) or left out (then reading that shard is refused)."""
         out = {}
+        fields = list(self.fields.values())
         for record in self.manifest["shards"]:
-            for name, meta in record["files"].items():
-                if not _safe_key(meta["path"]):
-                    if strict:
-                        raise self._damaged(f"manifest.json names a path outside the cache ({meta['path']})")
-                    continue
-                out[(record["split"], name, record["shard"])] = (meta["path"], int(meta["bytes"]))
+            problem = record_problem(record, self.header["fingerprint"], self.layouts, fields)
+            if problem is None and (record["split"], record["shard"]) in out:
+                problem = f"repeats {record['split']} shard {record['shard']:05d}"
+            if problem is None:
+                out[(record["split"], record["shard"])] = record
+            elif strict:
+                raise self._damaged(f"{MANIFEST}: a shard record {problem}")
         return out
 
     def _check_open(self) -> None:
@@ -138,28 +163,46 @@ class CacheReader:
                 raise self._damaged(f"{HEADER} and {MANIFEST} disagree on `{key}` (one of them was edited)")
         if fingerprint(self.header["identity"]) != self.header["fingerprint"]:
             raise self._damaged(f"the identity in {HEADER} does not hash to its fingerprint (it was edited)")
-        for key, meta in m.get("metadata", {}).items():
-            if not _safe_key(key):
-                raise self._damaged(f"manifest.json names a path outside the cache ({key})")
-            if self.storage.size(key) != meta["bytes"] or self.storage.sha256(key) != meta["sha256"]:
-                raise self._damaged(f"{key} differs from the manifest's record (edited or damaged)")
         sizes = self.storage.sizes(DATA)  # one listing, not a request per file
+        listed = {HEADER} | {k for k in sizes if k.endswith("zarr.json")}
+        unrecorded = sorted(listed - set(m["metadata"]))
+        if unrecorded:
+            raise self._damaged(f"{unrecorded[0]} is not recorded in {MANIFEST} (added, or the record was removed)")
+        for key, meta in m["metadata"].items():
+            blob = self.storage.read_bytes(key) if self.storage.exists(key) else None
+            if blob is None or len(blob) != meta["bytes"] or _sha256(blob) != meta["sha256"]:
+                raise self._damaged(f"{key} differs from the manifest's record (edited or damaged)")
+            if key.endswith("zarr.json") and key.count("/") == 3:  # data.zarr/<split>/<field>/zarr.json
+                self._check_array_metadata(key, blob)
         for split, lay in self.layouts.items():
             for shard in range(lay.shards):
                 for name in self.fields:
                     self._check_shard_file(split, name, shard, sizes)
 
-    def _check_shard_file(self, split: str, name: str, shard: int, sizes: dict[str, int] | None = None) -> None:
-        entry = self._files.get((split, name, shard))
-        if entry is None:
-            raise self._damaged(f"{split} shard {shard:05d} has no {name} record in the manifest")
-        key, recorded = entry
-        size = sizes.get(key) if sizes is not None else self.storage.size(key)
+    def _check_array_metadata(self, key: str, blob: bytes) -> None:
+        _, split, name, _ = key.split("/")
+        try:
+            stored = parse_layout(json.loads(blob))
+        except (ChunkError, KeyError, TypeError, ValueError) as exc:
+            raise self._damaged(f"{key} describes a layout this reader does not write ({exc})") from None
+        if (split, name) in self._chunks and stored != self._chunks[(split, name)]:
+            raise self._damaged(f"{key} disagrees with {HEADER} on how {split}/{name} is stored")
+
+    def _record(self, split: str, shard: int) -> dict:
+        record = self._records.get((split, shard))
+        if record is None:
+            raise self._damaged(f"{split} shard {shard:05d} has no valid record in the manifest")
+        return record
+
+    def _check_shard_file(self, split: str, name: str, shard: int, sizes: dict[str, int]) -> None:
+        meta = self._record(split, shard)["files"][name]
+        size = sizes.get(meta["path"])
         if size is None:
-            raise self._damaged(f"{split} shard {shard:05d}: the {name} file is missing ({key})")
-        if size != recorded:
+            raise self._damaged(f"{split} shard {shard:05d}: the {name} file is missing ({meta['path']})")
+        if size != meta["bytes"]:
+            recorded = meta["bytes"]
             raise self._damaged(
-                f"{split} shard {shard:05d}: the {name} file has {size} bytes, {recorded} recorded ({key})"
+                f"{split} shard {shard:05d}: the {name} file has {size} bytes, {recorded} recorded ({meta['path']})"
             )
 
     # -- typed settings ------------------------------------------------------------------
@@ -185,13 +228,43 @@ class CacheReader:
     # -- teacher files -------------------------------------------------------------------
 
     def teacher_dir(self) -> Path:
-        """A local directory with the teacher's config, head and tokenizer files (for a remote cache,
-        a copy under $DISTILCACHE_HOME/remote/<fingerprint>/, made once)."""
+        """A local directory with the teacher's config, head and tokenizer files, each checked
+        against the manifest on first use (they make every exact-KD target). For a remote cache, a
+        copy under $DISTILCACHE_HOME/remote/<fingerprint>/, made once."""
+        if self._teacher_dir is not None:
+            return self._teacher_dir
+        if self.manifest is None:
+            raise CacheError(f"{self.url} is incomplete (no {MANIFEST}); its teacher files are not recorded yet")
         if self.is_local:
-            return self.storage.local_path(TEACHER_DIR)
-        dest = Path(DEFAULT_CACHE_DIR).expanduser() / "remote" / self.header["fingerprint"] / TEACHER_DIR
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        return self.storage.download(TEACHER_DIR, dest)
+            directory = self.storage.local_path(TEACHER_DIR)
+            problem = self._teacher_problem(directory)
+        else:
+            directory = Path(DEFAULT_CACHE_DIR).expanduser() / "remote" / self.header["fingerprint"] / TEACHER_DIR
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            problem = self._teacher_problem(self.storage.download(TEACHER_DIR, directory))
+            if problem is not None:  # a stale or damaged local copy: fetch it again, once
+                shutil.rmtree(directory, ignore_errors=True)
+                problem = self._teacher_problem(self.storage.download(TEACHER_DIR, directory))
+        if problem is not None:
+            raise self._damaged(problem)
+        self._teacher_dir = directory
+        return directory
+
+    def _teacher_problem(self, directory: Path) -> str | None:
+        recorded = {k: v for k, v in self.manifest["teacher_files"].items() if k.startswith(f"{TEACHER_DIR}/")}
+        present = {f"{TEACHER_DIR}/{p.relative_to(directory).as_posix()}" for p in directory.rglob("*") if p.is_file()}
+        for key in sorted(present - set(recorded)):
+            return f"{key} is not recorded in {MANIFEST} (added after the capture)"
+        for key, meta in sorted(recorded.items()):
+            path = directory / key[len(TEACHER_DIR) + 1 :]
+            if not path.is_file():
+                return f"{key} is missing"
+            blob = path.read_bytes()
+            if len(blob) != meta["bytes"] or _sha256(blob) != meta["sha256"]:
+                return (
+                    f"{key} differs from the manifest's record (edited or damaged: the teacher's targets would change)"
+                )
+        return None
 
     def head(self, device: str | torch.device = "cpu") -> torch.nn.Module | None:
         """The cached MLM head (float32, eval mode), or None when the cache has none."""
@@ -200,7 +273,15 @@ class CacheReader:
         return load_head(self.teacher_dir(), device)
 
     def token_counts(self) -> np.ndarray:
-        return self._root["token_counts"][...]
+        """(V,) token occurrences of the train split, checked against the manifest."""
+        key = f"{DATA}/token_counts/c/0"
+        meta = (self.manifest or {}).get("teacher_files", {}).get(key)
+        blob = self.storage.read_bytes(key) if meta is not None and self.storage.exists(key) else None
+        if blob is None or _sha256(blob) != meta["sha256"]:
+            raise self._damaged(f"{key} is missing or differs from the manifest's record")
+        layout = parse_layout(json.loads(self.storage.read_bytes(f"{DATA}/token_counts/zarr.json")))
+        crc = int.from_bytes(blob[-4:], "little")
+        return decode_chunk(blob, layout, crc)
 
     # -- data ----------------------------------------------------------------------------
 
@@ -208,26 +289,51 @@ class CacheReader:
         """Raw stored arrays for rows [start, stop) (decode with cache_format.encode)."""
         names = names or list(self.fields)
         lay = self.layouts[split]
-        shards = range(start // lay.shard_rows, (max(stop, start + 1) - 1) // lay.shard_rows + 1)
+        first, last = start // lay.block_rows, (max(stop, start + 1) - 1) // lay.block_rows
+        offset = first * lay.block_rows
         out = {}
         for name in names:
-            for shard in shards:  # zarr would read a missing shard file as fill values
-                self._ready(split, name, shard)
-            try:
-                out[name] = self._root[split][name][start:stop]
-            except (ValueError, RuntimeError) as exc:  # a CRC32C or decompression failure
-                where = ", ".join(f"{s:05d}" for s in shards)
-                raise self._damaged(f"{split} shard {where}: the {name} data is damaged ({str(exc)[:80]})") from None
+            parts = [self._chunk(split, name, c) for c in range(first, last + 1)]
+            data = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            out[name] = data[start - offset : stop - offset]
         return out
 
-    def _ready(self, split: str, name: str, shard: int) -> None:
-        """The shard file is there with its recorded size (local disk: checked at every read; object
-        storage: once per reader; through the mirror: fetched if needed)."""
-        if self.mirror is not None:
-            self.mirror.ensure(*self._files[(split, name, shard)])
-        elif self.is_local or (split, name, shard) not in self._seen:
-            self._check_shard_file(split, name, shard)
-            self._seen.add((split, name, shard))
+    def _chunk(self, split: str, name: str, chunk: int) -> np.ndarray:
+        """One field's inner chunk `chunk` of `split`, decoded, CRC-checked and bound to its place."""
+        layout = self._chunks[(split, name)]
+        shard, j = divmod(chunk, layout.chunks_per_shard)
+        meta = self._record(split, shard)["files"][name]
+        where = f"{split} shard {shard:05d}: the {name}"
+        try:
+            if self.mirror is not None:
+                self.mirror.ensure(meta["path"], meta["bytes"], meta["sha256"])
+            offset, nbytes = self._index(split, name, shard, meta, layout)[j].tolist()
+            if offset == EMPTY:
+                raise ChunkError(f"chunk {j} was never written")
+            raw = self._data.read_range(meta["path"], offset, nbytes)
+            if len(raw) != nbytes:
+                raise ChunkError("file is truncated")
+            return decode_chunk(raw, layout, int(decode_crcs(meta["chunk_crc32c"])[j]))
+        except FileNotFoundError:
+            raise self._damaged(f"{where} file is missing ({meta['path']}; deleted while being read?)") from None
+        except ChunkError as exc:
+            raise self._damaged(f"{where} data is {exc}") from None
+
+    def _index(self, split: str, name: str, shard: int, meta: dict, layout: ChunkLayout) -> np.ndarray:
+        """The shard file's index of inner chunks (read once per process, bounded LRU)."""
+        key = (split, name, shard)
+        index = self._indexes.get(key)
+        if index is None:
+            if meta["bytes"] < layout.index_bytes:
+                raise ChunkError("file is shorter than its shard index")
+            raw = self._data.read_range(meta["path"], meta["bytes"] - layout.index_bytes, layout.index_bytes)
+            index = parse_index(bytes(raw), layout)
+            self._indexes[key] = index
+            if len(self._indexes) > INDEX_CACHE:
+                self._indexes.popitem(last=False)
+        else:
+            self._indexes.move_to_end(key)
+        return index
 
     def prefetch_blocks(self, split: str, blocks: list[int], names: list[str]) -> None:
         """Start fetching the shard files these blocks live in (a mirrored remote cache only)."""
@@ -235,7 +341,8 @@ class CacheReader:
             return
         lay = self.layouts[split]
         shards = sorted({b * lay.block_rows // lay.shard_rows for b in blocks})
-        self.mirror.prefetch([self._files[(split, n, s)] for s in shards for n in names])
+        files = [self._record(split, s)["files"][n] for s in shards for n in names]
+        self.mirror.prefetch([(m["path"], m["bytes"], m["sha256"]) for m in files])
 
     def read_block(self, split: str, block: int, names: list[str] | None = None) -> dict[str, np.ndarray]:
         """One chunk-aligned block of rows: the unit of fast reads."""
@@ -246,3 +353,7 @@ class CacheReader:
     def iter_blocks(self, split: str, names: list[str] | None = None) -> Iterator[dict[str, np.ndarray]]:
         for b in range(self.layouts[split].blocks):
             yield self.read_block(split, b, names)
+
+
+def _sha256(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()

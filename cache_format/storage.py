@@ -10,17 +10,27 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import mmap
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import obstore
 import zarr
 from obstore.exceptions import AlreadyExistsError
 from zarr.storage import LocalStore
 
 from cache_format.atomic import PARTIAL, fsync_dir, write_bytes_atomic
+from pipeline.errors import CacheError
+
+
+def safe_key(key: str) -> bool:
+    """A key names a place inside the cache: relative, no `..` component, no empty name."""
+    parts = key.replace("\\", "/").split("/")
+    return bool(key) and not key.startswith(("/", "\\")) and ".." not in parts and "" not in parts[:-1]
 
 
 class LocalStorage:
@@ -37,7 +47,20 @@ class LocalStorage:
         return str(self.root)
 
     def _path(self, key: str) -> Path:
+        if key and not safe_key(key):
+            raise CacheError(f"{self.url}: refusing the path {key!r}, which leaves the cache directory")
         return self.root / key
+
+    def _owned(self, key: str) -> Path:
+        """The path of `key` for a write or a delete: also refused when a symlink on the way leads
+        out of the cache (a delete must never reach a file the cache does not hold)."""
+        path = self._path(key)
+        real, root = os.path.realpath(path), os.path.realpath(self.root)
+        if os.path.commonpath([real, root]) != root:
+            raise CacheError(
+                f"{self.url}: {key} leads outside the cache (to {real}) through a symlink; remove the link"
+            )
+        return path
 
     def exists(self, key: str = "") -> bool:
         return self._path(key).exists()
@@ -52,15 +75,34 @@ class LocalStorage:
     def read_bytes(self, key: str) -> bytes:
         return self._path(key).read_bytes()
 
+    def read_range(self, key: str, offset: int, length: int) -> bytearray:
+        """`length` bytes of `key` from `offset` (FileNotFoundError, or fewer bytes past the end)."""
+        buf = bytearray(length)
+        with self._path(key).open("rb", buffering=0) as fh:
+            fh.seek(offset)
+            got = fh.readinto(buf)
+        return buf if got == length else buf[:got]
+
+    @contextlib.contextmanager
+    def view(self, key: str) -> Iterator[np.ndarray]:
+        """The whole file as a read-only uint8 array, memory-mapped (no copy; the map goes when the
+        last array viewing it does)."""
+        with self._path(key).open("rb") as fh:
+            if os.fstat(fh.fileno()).st_size == 0:
+                yield np.zeros(0, dtype=np.uint8)
+                return
+            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        yield np.frombuffer(mapped, dtype=np.uint8)
+
     def write_bytes(self, key: str, data: bytes) -> None:
         """Publish `data` at `key` atomically (a reader sees the old or the new content)."""
-        path = self._path(key)
+        path = self._owned(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(path, data)
 
     def create(self, key: str, data: bytes) -> bool:
         """Publish `data` at `key` only if nothing is there; False when it already exists."""
-        path = self._path(key)
+        path = self._owned(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             write_bytes_atomic(path, data, exclusive=True)
@@ -69,18 +111,40 @@ class LocalStorage:
         return True
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        self._owned(key).unlink(missing_ok=True)
 
     def list(self, prefix: str = "") -> list[str]:
         """Keys of the files under `prefix`, sorted."""
-        base = self._path(prefix)
-        if not base.is_dir():
-            return []
-        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file())
+        return sorted(self.sizes(prefix))
 
     def sizes(self, prefix: str = "") -> dict[str, int]:
-        """Key -> bytes of every file under `prefix` (one listing)."""
-        return {key: self._path(key).stat().st_size for key in self.list(prefix)}
+        """Key -> bytes of every file under `prefix` (one walk); a symlink that leads out of the
+        cache is refused, one that stays inside is listed as what it points to."""
+        base = self._path(prefix)
+        out: dict[str, int] = {}
+        if base.is_dir():
+            self._walk(base, os.path.realpath(self.root), out, set())
+        return out
+
+    def _walk(self, directory: Path, root: str, out: dict[str, int], seen: set[str]) -> None:
+        seen.add(os.path.realpath(directory))
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                path = Path(entry.path)
+                if entry.is_symlink():
+                    real = os.path.realpath(path)
+                    if os.path.commonpath([real, root]) != root:
+                        key = path.relative_to(self.root)
+                        raise CacheError(
+                            f"{self.url}: {key} is a symlink to {real}, outside the cache; a cache holds its own "
+                            "files: replace the link with the file, or remove it"
+                        )
+                    if real in seen:
+                        continue
+                if entry.is_dir():
+                    self._walk(path, root, out, seen)
+                elif entry.is_file():
+                    out[str(path.relative_to(self.root))] = entry.stat().st_size
 
     def sha256(self, key: str) -> str:
         """Streamed hash of the file at `key`."""
@@ -156,10 +220,23 @@ class ObjectStorage:
     def read_bytes(self, key: str) -> bytes:
         return bytes(obstore.get(self._store, key).bytes())
 
+    def read_range(self, key: str, offset: int, length: int):
+        """`length` bytes of `key` from `offset` (one ranged GET; FileNotFoundError when missing)."""
+        return obstore.get_range(self._store, key, start=offset, length=length)
+
+    @contextlib.contextmanager
+    def view(self, key: str) -> Iterator[np.ndarray]:
+        """The whole object as a read-only uint8 array (one GET)."""
+        yield np.frombuffer(obstore.get(self._store, key).bytes(), dtype=np.uint8)
+
     def write_bytes(self, key: str, data: bytes) -> None:
+        if not safe_key(key):
+            raise CacheError(f"{self.url}: refusing the key {key!r}, which leaves the cache prefix")
         obstore.put(self._store, key, data)
 
     def create(self, key: str, data: bytes) -> bool:
+        if not safe_key(key):
+            raise CacheError(f"{self.url}: refusing the key {key!r}, which leaves the cache prefix")
         try:
             obstore.put(self._store, key, data, mode="create")
         except AlreadyExistsError:
@@ -167,6 +244,8 @@ class ObjectStorage:
         return True
 
     def delete(self, key: str) -> None:
+        if not safe_key(key):
+            raise CacheError(f"{self.url}: refusing the key {key!r}, which leaves the cache prefix")
         with contextlib.suppress(FileNotFoundError):
             obstore.delete(self._store, key)
 

@@ -15,28 +15,29 @@ carries a CRC32C, so a flipped byte is an error when it is read, not a wrong num
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
+from cache_format.chunks import ChunkLayout, chunk_crcs, encode_crcs
 from cache_format.layout import FieldSpec, SplitLayout
 from cache_format.settings import IGNORE_INDEX
 from cache_format.storage import Storage
-from pipeline.errors import DistilcacheError
-
-if TYPE_CHECKING:
-    from cache_format.lock import WriterLock
+from pipeline.errors import CacheError
 
 log = logging.getLogger(__name__)
 
 FORMAT = "distilcache-teacher-cache"
-FORMAT_VERSION = 2
-"""v2: a CRC32C on every inner chunk, `labels` filled with -100, metadata hashes in the manifest."""
+FORMAT_VERSION = 3
+"""v2: a CRC32C on every inner chunk, `labels` filled with -100, metadata hashes in the manifest.
+v3: commit records carry the cache fingerprint and every inner chunk's CRC32C (a chunk is bound
+to its place); the manifest's checks are required, not optional."""
 HEADER, MANIFEST, DATA, TEACHER_DIR, COMMITS, LOCKS = (
     "cache.json",
     "manifest.json",
@@ -68,28 +69,60 @@ def compressors(codec: str) -> list:
     return [blosc, Crc32cCodec()] if blosc is not None else [Crc32cCodec()]
 
 
-class CacheError(DistilcacheError):
-    """The cache is missing, incomplete, corrupt or belongs to another config."""
+def chunk_layout(field: FieldSpec, split: SplitLayout) -> ChunkLayout:
+    """How `field`'s chunks of `split` are stored (what its zarr.json says, from the header alone)."""
+    shape = (split.block_rows, *field.row_shape)
+    return ChunkLayout(np.dtype(field.dtype), shape, split.shard_rows, _BLOSC[field.codec] is not None, True)
+
+
+def shard_key(split: str, field: FieldSpec, shard: int) -> str:
+    """The storage key of one field's shard file (zarr's default chunk key encoding)."""
+    return f"{DATA}/{split}/{field.name}/c/{shard}" + "/0" * len(field.row_shape)
+
+
+def chunks_in(split: SplitLayout, shard: int) -> int:
+    """Inner chunks of `shard` that lie inside the split (the last shard may hold fewer)."""
+    start, stop = split.shard_range(shard)
+    return -(-(stop - start) // split.block_rows)
 
 
 class AlreadyCommitted(CacheError):
     """Another writer committed this shard first (its bytes are the same: shards are pure)."""
 
 
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def identity_diff(old: dict, new: dict) -> list[str]:
-    """Human-readable differences between two identity dicts (`key: old -> new`)."""
-    a, b = flatten(old), flatten(new)
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+def record_problem(
+    record: dict, fingerprint: str, layouts: dict[str, SplitLayout], fields: list[FieldSpec]
+) -> str | None:
+    """Why a commit record cannot vouch for the shard it names, or None: every name in it must be
+    one the layout has (no name from a record is ever joined into a path unchecked), it must carry
+    this cache's fingerprint, and each field's file must sit exactly where the layout puts it."""
+    if not isinstance(record, dict):
+        return "is not a commit record"
+    split, shard = record.get("split"), record.get("shard")
+    if not isinstance(split, str) or split not in layouts:
+        return f"names the split {split!r}, which the cache does not have ({', '.join(layouts)})"
+    lay = layouts[split]
+    if not isinstance(shard, int) or isinstance(shard, bool) or not 0 <= shard < lay.shards:
+        return f"names {split} shard {shard!r}, outside 0..{lay.shards - 1}"
+    if record.get("fingerprint") != fingerprint:
+        return (
+            f"belongs to another cache (fingerprint {str(record.get('fingerprint'))[:12]}, this one {fingerprint[:12]})"
+        )
+    if record.get("rows") != list(lay.shard_range(shard)):
+        return f"records rows {record.get('rows')}, {split} shard {shard:05d} holds {list(lay.shard_range(shard))}"
+    files = record.get("files")
+    if not isinstance(files, dict) or set(files) != {f.name for f in fields}:
+        return "does not record exactly one file per field"
+    for f in fields:
+        meta, expected = files[f.name], shard_key(split, f, shard)
+        if not isinstance(meta, dict) or meta.get("path") != expected:
+            path = meta.get("path") if isinstance(meta, dict) else meta
+            return f"places the {f.name} file at {path!r}, the layout at {expected}"
+        crcs = meta.get("chunk_crc32c")
+        valid = isinstance(meta.get("bytes"), int) and isinstance(meta.get("sha256"), str)
+        if not valid or not isinstance(crcs, str) or len(crcs) != 8 * chunks_in(lay, shard):
+            return f"lacks the size, sha256 or chunk CRCs of its {f.name} file"
+    return None
 
 
 def read_json(storage: Storage, key: str) -> dict:
@@ -179,44 +212,66 @@ class CacheStore:
     def commit_key(split: str, shard: int) -> str:
         return f"{COMMITS}/{split}-{shard:05d}.json"
 
-    def committed(self) -> dict[tuple[str, int], dict]:
-        out = {}
+    def committed(self, strict: bool = True) -> dict[tuple[str, int], dict]:
+        """Every valid commit record by (split, shard). A record that is torn, belongs to another
+        cache or names another place than its own file is an error (`strict`), or is left out
+        (its shard counts as not committed; `bad_records` names it)."""
+        out, self.bad_records = {}, {}
+        fingerprint, layouts, fields = self.header["fingerprint"], self.layouts(), self.fields()
         for key in self.storage.list(COMMITS):
-            if key.endswith(".json"):
-                record = read_json(self.storage, key)
+            if not key.endswith(".json"):
+                continue
+            try:
+                record = json.loads(self.storage.read_bytes(key))
+            except (ValueError, UnicodeDecodeError):
+                problem = "is torn (not valid JSON)"
+            else:
+                problem = record_problem(record, fingerprint, layouts, fields)
+                if problem is None and self.commit_key(record["split"], record["shard"]) != key:
+                    problem = f"describes {record['split']} shard {record['shard']:05d}, not its own file's shard"
+            if problem is None:
                 out[(record["split"], record["shard"])] = record
+            elif strict:
+                raise CacheError(f"{self.url}/{key} {problem}; run `pipeline verify --repair {self.url}`")
+            else:
+                self.bad_records[key] = problem
         return out
 
     def pending(self) -> list[tuple[str, int]]:
-        done = self.committed()
+        done = self.committed(strict=False)
         return [(name, s) for name, lay in self.layouts().items() for s in range(lay.shards) if (name, s) not in done]
 
-    def shard_keys(self, split: str, shard: int) -> dict[str, str]:
-        """The storage key of the file holding shard `shard` of each field of `split`."""
-        group = zarr.open_group(store=self.storage.zarr_store(read_only=True), path=f"{DATA}/{split}", mode="r")
-        out = {}
-        for f in self.fields():
-            chunk = group[f.name].metadata.encode_chunk_key((shard,) + (0,) * len(f.row_shape))
-            out[f.name] = f"{DATA}/{split}/{f.name}/{chunk}"
-        return out
-
-    def write_shard(self, split: str, shard: int, data: dict[str, np.ndarray], info: dict) -> dict:
+    def write_shard(
+        self, split: str, shard: int, data: dict[str, np.ndarray], info: dict, fence: Callable[[], None] | None = None
+    ) -> dict:
         """Write every field's slice of one shard, make it durable, checksum it, then publish its
-        commit record exclusively (CacheError if another writer committed the shard first)."""
-        start, stop = self.layouts()[split].shard_range(shard)
+        commit record exclusively (CacheError if another writer committed the shard first).
+        `fence` raises when this writer may no longer write (it lost its lock): it runs before each
+        field is written and before the commit."""
+        layout = self.layouts()[split]
+        start, stop = layout.shard_range(shard)
         store = self.storage.zarr_store()
+        fields = {f.name: f for f in self.fields()}
         for name, values in data.items():
             assert values.shape[0] == stop - start, f"{name}: {values.shape[0]} rows for {stop - start}"
+            if fence is not None:
+                fence()
             # runtime config is not persisted: reopen with write_empty_chunks so that an
             # all-zero shard still gets its file (and its checksum)
             arr = zarr.open_array(store=store, path=f"{DATA}/{split}/{name}", mode="r+").with_config(_ARRAY_CONFIG)
             arr[start:stop] = values
         files = {}
-        for name, key in self.shard_keys(split, shard).items():
+        for name, f in fields.items():
+            key = shard_key(split, f, shard)
             self.storage.fsync(key)
-            files[name] = {"path": key, "bytes": self.storage.size(key), "sha256": self.storage.sha256(key)}
-        record = {"split": split, "shard": shard, "rows": [start, stop], "files": files, **info}
-        record["committed"] = time.time()
+            with self.storage.view(key) as blob:
+                crcs = chunk_crcs(blob, chunk_layout(f, layout), chunks_in(layout, shard))
+                digest = hashlib.sha256(blob).hexdigest()
+                files[name] = {"path": key, "bytes": len(blob), "sha256": digest, "chunk_crc32c": encode_crcs(crcs)}
+        record = {"split": split, "shard": shard, "fingerprint": self.header["fingerprint"], "rows": [start, stop]}
+        record |= {"files": files, **info, "committed": time.time()}
+        if fence is not None:
+            fence()
         if not self.storage.create(self.commit_key(split, shard), json.dumps(record, indent=2).encode()):
             raise AlreadyCommitted(f"{split} shard {shard:05d} was committed by another writer meanwhile")
         return record
@@ -235,45 +290,3 @@ class CacheStore:
 
     def finalize(self, manifest: dict) -> None:
         self.storage.write_bytes(MANIFEST, json.dumps(manifest, indent=2).encode())
-
-
-def open_for_capture(storage: Storage, header: dict, overwrite: bool, lock: WriterLock) -> tuple[CacheStore, str]:
-    """Create, resume or reuse the cache at `storage` (whose writer lock is held); refuse one built
-    from another config unless `overwrite`. Returns the store and "new", "resume" or "complete"."""
-    store = CacheStore(storage)
-    foreign = [k for k in storage.list() if not k.startswith(f"{LOCKS}/")]
-    if storage.is_foreign_file():
-        raise CacheError(f"store.output {storage.url} is a file; give a directory for the cache")
-    if foreign and not store.is_cache():
-        raise CacheError(
-            f"{storage.url} exists and is not a distilcache cache; choose another store.output "
-            "(--overwrite never deletes foreign data)"
-        )
-    if store.is_cache():
-        old = store.header
-        if old.get("fingerprint") == header["fingerprint"] and not overwrite:
-            if store.manifest is not None:
-                return store, "complete"
-            storage.remove_partials()  # temp files of a killed writer (we hold the lock: none is running)
-            return store, "resume"
-        empty = store.manifest is None and not store.committed()  # a capture that stopped before any commit
-        if not overwrite and not empty:
-            diff = identity_diff(old.get("identity", {}), header["identity"])
-            raise CacheError(
-                f"{storage.url} holds a cache built with another config ({'; '.join(diff[:4]) or 'format'}"
-                f"{'; ...' if len(diff) > 4 else ''}); pass --overwrite to replace it or choose another store.output"
-            )
-        from cache_format.lock import live_holders  # (lock imports this module)
-
-        others = live_holders(storage, exclude_token=lock.token)
-        if others:
-            raise CacheError(
-                f"--overwrite refused: {storage.url} is in use ({'; '.join(others)}); wait for them to finish"
-            )
-        log.info(
-            "%s %s", "overwriting" if overwrite else "replacing the empty cache (no shard committed) at", storage.url
-        )
-        storage.delete_all()  # renamed away first: readers never see a half-deleted cache
-        lock.acquire()  # in the fresh directory
-    store.create(header)
-    return store, "new"

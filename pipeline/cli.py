@@ -165,8 +165,8 @@ def verify(path: str, repair: bool) -> None:
         click.echo(f"ok: {report.shards} shards, {report.bytes:,} bytes verified in {path}")
         return
     if repair and not report.unrepairable:
-        removed = verify_mod.repair(path, report)
-        click.echo(f"repaired: removed {', '.join(removed)}; rerun the same `pipeline cache-teacher` to recompute them")
+        done = verify_mod.repair(path, report)
+        click.echo(f"repaired: {done}; rerun the same `pipeline cache-teacher` to recompute what was removed")
         return
     if report.unrepairable:
         damaged = ", ".join(sorted(set(report.unrepairable)))

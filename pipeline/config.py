@@ -193,6 +193,23 @@ def _check_tree(obj: Any, prefix: str) -> list[str]:
     return problems
 
 
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as {"a.b": value} (leaves only)."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def identity_diff(old: dict, new: dict) -> list[str]:
+    """Human-readable differences between two nested mappings (`key: old -> new`)."""
+    a, b = flatten(old), flatten(new)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain nested dict of a config (for YAML printing and manifests)."""
     return dataclasses.asdict(cfg)

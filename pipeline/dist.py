@@ -51,6 +51,14 @@ class DistEnv:
         if self.world_size > 1:
             torch_dist.barrier()
 
+    def broadcast(self, value: T) -> T:
+        """Rank 0's `value` on every rank (e.g. the writer lock's token, for the others' fences)."""
+        if self.world_size == 1:
+            return value
+        box = [value if self.is_main else None]
+        torch_dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def main_first(self, fn: Callable[[], T]) -> T:
         """Run `fn` on rank 0 first (it fills caches), then on the other ranks (they reuse them)."""
         result = fn() if self.is_main else None

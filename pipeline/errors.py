@@ -7,3 +7,7 @@ class DistilcacheError(Exception):
 
 class ConfigError(DistilcacheError):
     """Invalid configuration (unknown key, wrong type, inconsistent values)."""
+
+
+class CacheError(DistilcacheError):
+    """The cache is missing, incomplete, corrupt or belongs to another config."""

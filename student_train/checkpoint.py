@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from cache_format.atomic import write_json_atomic, write_text_atomic
-from cache_format.store import flatten
+from pipeline.config import flatten
 from pipeline.errors import DistilcacheError
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from cache_format.reader import CacheReader
-from cache_format.store import flatten
+from pipeline.config import flatten
 from student_train.config import TrainConfig
 from student_train.evaluate import METRICS
 from student_train.sweep import Grid

@@ -14,17 +14,18 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from cache_format.encode import encode_hidden, encode_values
 from cache_format.layout import plan_rows, split_seed, valid_positions
 from cache_format.settings import IGNORE_INDEX, OutputsConfig
 from cache_format.store import CacheError
 from teacher_cache.config import CacheConfig
-from teacher_cache.corpus import PackedCorpus, PackedSplit
+from teacher_cache.corpus import PackedCorpus, PackedSplit, prepare_corpus
 from teacher_cache.masking import MaskSpec, make_spec, mask_batch
-from teacher_cache.plan import CachePlan
+from teacher_cache.plan import CachePlan, build_plan, check_compatible
 from teacher_cache.sampling import sample_uniforms
-from teacher_cache.teacher import Teacher, TeacherBatch
+from teacher_cache.teacher import Teacher, TeacherBatch, load_teacher
 
 
 @dataclass
@@ -142,6 +143,31 @@ def prefetch(items: Iterable, fn: Callable, depth: int = 2) -> Iterator:
                 yield futures.pop(0).result()
         for fut in futures:
             yield fut.result()
+
+
+def progress(total: int, desc: str, enabled: bool = True) -> tuple[tqdm, Callable[[Batch], None]]:
+    """A sequences bar with throughput, and the per-batch callback that advances it."""
+    bar = tqdm(total=int(total), unit="seq", disable=not enabled, dynamic_ncols=True, mininterval=1.0, desc=desc)
+    state = {"tokens": 0, "start": time.perf_counter()}
+
+    def on_batch(b: Batch) -> None:
+        state["tokens"] += int(np.sum(b.lengths))
+        bar.update(len(b.lengths))
+        rate = state["tokens"] / (time.perf_counter() - state["start"])
+        bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
+
+    return bar, on_batch
+
+
+def build_capture(cfg: CacheConfig, main_first: Callable = lambda fn: fn()) -> ShardCapture:
+    """Load the teacher, pack the corpus (`main_first`: rank 0 first, so the others reuse its
+    packed copy) and plan the cache: what every engine, the Ray actors included, captures with."""
+    teacher = load_teacher(cfg.teacher)
+    check_compatible(cfg, teacher)
+    corpus = main_first(
+        lambda: prepare_corpus(cfg.corpus, teacher.tokenizer, teacher.tokenizer_sha256, cfg.store.cache_dir, cfg.seed)
+    )
+    return ShardCapture(cfg, teacher, corpus, build_plan(cfg, teacher, corpus))
 
 
 class ShardCapture:

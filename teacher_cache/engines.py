@@ -1,9 +1,14 @@
-"""Capture engines beyond one process group: coordinator-free workers, and Ray.
+"""Capture engines: one process or a torchrun group, coordinator-free workers, and Ray.
 
-Both rely on what makes a shard safe to compute anywhere: its bytes are a pure function of the
+All rely on what makes a shard safe to compute anywhere: its bytes are a pure function of the
 plan, and its commit record is published by an exclusive create, so a shard is committed
-exactly once whoever computes it (a duplicate loses the race and is dropped).
+exactly once whoever computes it (a duplicate loses the race and is dropped). Every process
+fences its writes: before writing a shard, committing it and writing the manifest it checks that
+it still holds its lock (local) or its shard lease (workers), and stops otherwise.
 
+- `run_local` (one process, or `torchrun`): rank 0 creates or resumes the cache under the writer
+  lock; each process takes its share of the pending shards and hands finished ones to the
+  background writer; rank 0 writes the manifest last.
 - `run_worker` (`cache-teacher --worker I/N`): independent processes sharing only the cache's
   storage. The first to arrive creates the cache under the writer lock. Each worker then claims
   uncommitted shards through leases, its own share (shard index mod N == I) first and then any
@@ -17,24 +22,63 @@ exactly once whoever computes it (a duplicate loses the race and is dropped).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 
-from cache_format.lock import TTL_S, ShardLease, WriterLock
-from cache_format.manifest import build_manifest, missing_shards
-from cache_format.storage import Storage
-from cache_format.store import MANIFEST, AlreadyCommitted, CacheError, CacheStore, open_for_capture
+from cache_format.lock import TTL_S, Fence, ShardLease, WriterLock
+from cache_format.manifest import missing_shards
+from cache_format.storage import Storage, open_storage
+from cache_format.store import AlreadyCommitted, CacheStore
 from pipeline.config import from_dict, to_dict
-from pipeline.versions import library_versions
+from pipeline.dist import DistEnv
+from pipeline.errors import CacheError
 from teacher_cache import report
-from teacher_cache.capture import ShardCapture
+from teacher_cache.capture import ShardCapture, build_capture, progress
 from teacher_cache.config import CacheConfig
-from teacher_cache.create import write_side_files
-from teacher_cache.plan import recorded
+from teacher_cache.create import finalize, open_for_capture, prepare
 from teacher_cache.writer import ShardWriter
 
 log = logging.getLogger(__name__)
+
+
+def run_local(cfg: CacheConfig, overwrite: bool, dist: DistEnv, capture: ShardCapture, storage: Storage) -> None:
+    """One process, or every rank of a torchrun group (see the module docstring)."""
+    plan = capture.plan
+    lock = WriterLock(storage)
+    try:
+        if dist.is_main:  # rank 0 holds the lock for the whole group
+            lock.acquire()
+            store, state = open_for_capture(storage, plan.header, overwrite, lock)
+            log.info("cache %s: %s (fingerprint %s)", plan.location, state, plan.fingerprint[:12])
+            if state != "complete":
+                prepare(store, plan, capture.teacher, capture.corpus)
+        fence = Fence(storage, dist.broadcast(lock.token), lock.record if dist.is_main else None)
+        store = CacheStore(storage)
+        if store.manifest is not None:
+            if dist.is_main:
+                log.info("cache is complete; reusing it (use --overwrite to rebuild)\n%s", report.summary(store))
+            return
+        pending = store.pending()
+        dist.barrier()  # everyone has listed the pending shards before anyone commits one
+        skipped = sum(lay.shards for lay in plan.layouts.values()) - len(pending)
+        if dist.is_main and skipped:
+            log.info("resuming: skipping %d complete shard(s), %d to go", skipped, len(pending))
+        mine = pending[dist.rank :: dist.world_size]
+        who = {"rank": dist.rank, "world_size": dist.world_size}
+        name = f"cache-teacher{f' rank 0/{dist.world_size}' if dist.world_size > 1 else ''}"
+        bar, on_batch = progress(sum(capture.rows_of(s, i) for s, i in mine), name, dist.is_main)
+        with ShardWriter(store) as writer, bar:  # the bar closes first, so errors print on a fresh line
+            for split, shard in mine:
+                writer.submit(split, shard, *capture(split, shard, on_batch, **who), fence=fence)
+        dist.barrier()
+        if dist.is_main:
+            if not finalize(cfg, store, fence):
+                missing = ", ".join(missing_shards(store, store.committed(strict=False))[:5])
+                raise CacheError(f"shards {missing} are missing after the run; rerun the same command")
+            log.info("%s", report.summary(store))
+    finally:
+        if dist.is_main:
+            lock.release()
 
 
 def join_cache(storage: Storage, capture: ShardCapture, wait_s: float = 600.0) -> CacheStore:
@@ -51,24 +95,11 @@ def join_cache(storage: Storage, capture: ShardCapture, wait_s: float = 600.0) -
             continue
         try:
             store, state = open_for_capture(storage, capture.plan.header, overwrite=False, lock=lock)
-            if state == "new":
-                write_side_files(store, capture.teacher, capture.corpus)
+            if state != "complete":
+                prepare(store, capture.plan, capture.teacher, capture.corpus)
             return store
         finally:
             lock.release()
-
-
-def finalize_once(cfg: CacheConfig, store: CacheStore) -> bool:
-    """Write the manifest if every shard is committed and nobody wrote it yet; True when complete."""
-    if store.manifest is not None:
-        return True
-    records = store.committed()
-    if missing_shards(store, records):
-        return False
-    manifest = build_manifest(store, records, recorded(cfg), library_versions())
-    if store.storage.create(MANIFEST, json.dumps(manifest, indent=2).encode()):
-        log.info("every shard is committed: manifest written\n%s", report.summary(store))
-    return True
 
 
 def run_worker(cfg: CacheConfig, capture: ShardCapture, storage: Storage, index: int, count: int) -> None:
@@ -76,7 +107,7 @@ def run_worker(cfg: CacheConfig, capture: ShardCapture, storage: Storage, index:
     if not 0 <= index < count:
         raise CacheError(f"--worker {index}/{count}: the index must be in [0, {count}); e.g. --worker 0/{count}")
     store = join_cache(storage, capture)
-    if finalize_once(cfg, store):
+    if finalize(cfg, store, once=True):
         log.info("worker %d/%d: the cache is complete", index, count)
         return
     layouts = capture.plan.layouts
@@ -84,13 +115,11 @@ def run_worker(cfg: CacheConfig, capture: ShardCapture, storage: Storage, index:
     order = [k for n, k in enumerate(every) if n % count == index] + [
         k for n, k in enumerate(every) if n % count != index
     ]
-    from teacher_cache.run import progress
-
     bar, on_batch = progress(sum(capture.rows_of(*k) for k in order[: len(every) // count]), f"worker {index}/{count}")
     done = 0
     with ShardWriter(store) as writer, bar:
         while True:
-            committed = store.committed()
+            committed = store.committed(strict=False)
             pending = [k for k in order if k not in committed]
             if not pending:
                 break
@@ -103,77 +132,67 @@ def run_worker(cfg: CacheConfig, capture: ShardCapture, storage: Storage, index:
                     lease.release()
                     continue
                 buf, info = capture(split, shard, on_batch, worker=f"{index}/{count}")
-                writer.submit(split, shard, buf, info, done=lease.release)
+                writer.submit(split, shard, buf, info, done=lease.release, fence=lease.check)
                 took += 1
             done += took
             if not took:
                 time.sleep(min(2.0, TTL_S / 8))  # the rest is leased: wait for commits or expiries
     log.info("worker %d/%d: captured %d shard(s)", index, count, done)
-    finalize_once(cfg, store)
+    finalize(cfg, store, once=True)
 
 
 class CaptureActor:
     """A Ray actor that loads the teacher once and captures the shards it is handed."""
 
     def __init__(self, cfg: dict, location: str, fingerprint: str):
-        from cache_format.storage import open_storage
-        from teacher_cache.corpus import prepare_corpus
-        from teacher_cache.plan import build_plan
-        from teacher_cache.teacher import load_teacher
-
         self.cfg = from_dict(CacheConfig, cfg)
-        teacher = load_teacher(self.cfg.teacher)
-        corpus = prepare_corpus(
-            self.cfg.corpus, teacher.tokenizer, teacher.tokenizer_sha256, self.cfg.store.cache_dir, self.cfg.seed
-        )
-        plan = build_plan(self.cfg, teacher, corpus)
-        if plan.fingerprint != fingerprint:  # another teacher or corpus on this node
-            raise CacheError(f"actor's plan {plan.fingerprint[:12]} != driver's {fingerprint[:12]}")
-        self.capture = ShardCapture(self.cfg, teacher, corpus, plan)
+        self.capture = build_capture(self.cfg)
+        if self.capture.plan.fingerprint != fingerprint:  # another teacher or corpus on this node
+            raise CacheError(f"actor's plan {self.capture.plan.fingerprint[:12]} != driver's {fingerprint[:12]}")
         self.store = CacheStore(open_storage(location, self.cfg.store.storage_options))
 
-    def capture_shard(self, split: str, shard: int) -> int:
-        """Capture and commit one shard; its token count."""
+    def capture_shard(self, split: str, shard: int, token: str) -> int:
+        """Capture and commit one shard, fenced by the driver's writer lock; its token count."""
         if self.store.storage.exists(self.store.commit_key(split, shard)):
             return 0  # a retried task whose first attempt committed
         buf, info = self.capture(split, shard, lambda b: None, engine="ray")
         try:
-            self.store.write_shard(split, shard, buf, info)
+            self.store.write_shard(split, shard, buf, info, Fence(self.store.storage, token))
         except AlreadyCommitted:
             return 0
         return info["tokens"]
 
 
 def run_ray(cfg: CacheConfig, capture: ShardCapture, storage: Storage, address: str | None) -> None:
-    """Capture every pending shard on Ray actors (see the module docstring)."""
+    """Capture every pending shard on Ray actors, under the driver's writer lock."""
     try:
         import ray
         from ray.util import ActorPool
     except ImportError:
         raise CacheError("--engine ray needs Ray: pip install 'distilcache[ray]'") from None
-    store = join_cache(storage, capture)
-    if finalize_once(cfg, store):
-        return
-    committed = store.committed()
-    pending = [(s, i) for s, lay in capture.plan.layouts.items() for i in range(lay.shards) if (s, i) not in committed]
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    actors = gpus or max(1, int(ray.cluster_resources().get("CPU", 1)) // max(1, cfg.teacher.num_threads or 1))
-    remote = ray.remote(num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1, max_restarts=3, max_task_retries=3)
-    pool = ActorPool(
-        [
-            remote(CaptureActor).remote(to_dict(cfg), capture.plan.location, capture.plan.fingerprint)
-            for _ in range(actors)
-        ]
-    )
-    log.info("ray: %d shard(s) on %d actor(s) (%s)", len(pending), actors, "GPU" if gpus else "CPU")
-    from teacher_cache.run import progress
-
-    bar, _ = progress(len(pending), "cache-teacher ray")
-    bar.unit = "shard"
-    with bar:
-        for _ in pool.map_unordered(lambda actor, key: actor.capture_shard.remote(*key), pending):
-            bar.update(1)
-    if not finalize_once(cfg, store):
-        raise CacheError(f"shards {', '.join(missing_shards(store, store.committed())[:5])} are missing; rerun")
+    lock = WriterLock(storage).acquire()
+    try:
+        store, state = open_for_capture(storage, capture.plan.header, overwrite=False, lock=lock)
+        if state == "complete":
+            return
+        prepare(store, capture.plan, capture.teacher, capture.corpus)
+        pending = store.pending()
+        if not ray.is_initialized():
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        actors = gpus or max(1, int(ray.cluster_resources().get("CPU", 1)) // max(1, cfg.teacher.num_threads or 1))
+        remote = ray.remote(num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1, max_restarts=3, max_task_retries=3)
+        location, fingerprint = capture.plan.location, capture.plan.fingerprint
+        pool = ActorPool([remote(CaptureActor).remote(to_dict(cfg), location, fingerprint) for _ in range(actors)])
+        log.info("ray: %d shard(s) on %d actor(s) (%s)", len(pending), actors, "GPU" if gpus else "CPU")
+        bar, _ = progress(len(pending), "cache-teacher ray")
+        bar.unit = "shard"
+        with bar:
+            for _ in pool.map_unordered(lambda actor, key: actor.capture_shard.remote(*key, lock.token), pending):
+                bar.update(1)
+        if not finalize(cfg, store, lock.check):
+            missing = ", ".join(missing_shards(store, store.committed(strict=False))[:5])
+            raise CacheError(f"shards {missing} are missing; rerun")
+        log.info("%s", report.summary(store))
+    finally:
+        lock.release()

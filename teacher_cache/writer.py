@@ -34,11 +34,18 @@ class ShardWriter:
         return self
 
     def submit(
-        self, split: str, shard: int, data: dict[str, np.ndarray], info: dict, done: Callable[[], None] | None = None
+        self,
+        split: str,
+        shard: int,
+        data: dict[str, np.ndarray],
+        info: dict,
+        done: Callable[[], None] | None = None,
+        fence: Callable[[], None] | None = None,
     ) -> None:
-        """Queue a finished shard; `done` runs once it is committed (or another writer committed it)."""
+        """Queue a finished shard; `done` runs once it is committed (or another writer committed it);
+        `fence` raises when this process may no longer write (see `CacheStore.write_shard`)."""
         self._raise_if_failed()
-        self._queue.put((split, shard, data, info, done))
+        self._queue.put((split, shard, data, info, done, fence))
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self._queue.put(None)
@@ -54,9 +61,9 @@ class ShardWriter:
         while (item := self._queue.get()) is not None:
             if self._error is not None:
                 continue  # drain: after a failure nothing more is written
-            split, shard, data, info, done = item
+            split, shard, data, info, done, fence = item
             try:
-                self.records.append(self.store.write_shard(split, shard, data, info))
+                self.records.append(self.store.write_shard(split, shard, data, info, fence))
             except AlreadyCommitted:  # a worker whose lease expired raced another: same bytes, keep theirs
                 log.warning("%s shard %05d was committed by another worker meanwhile; keeping theirs", split, shard)
             except OSError as exc:
