@@ -165,11 +165,12 @@ class Fence:
 
 
 class WriterLock:
-    """Exclusive right to write one cache; a context manager."""
+    """Exclusive right to write one cache (or, with another `key` and `kind`, one run directory);
+    a context manager."""
 
-    def __init__(self, storage: Storage):
-        self.storage = storage
-        self.record = _record("writer")
+    def __init__(self, storage: Storage, key: str = WRITER, kind: str = "writer"):
+        self.storage, self.key = storage, key
+        self.record = _record(kind)
 
     @property
     def token(self) -> str:
@@ -177,17 +178,17 @@ class WriterLock:
 
     def acquire(self) -> WriterLock:
         for _ in range(2):
-            if self.storage.create(WRITER, json.dumps(self.record).encode()):
-                HEARTBEAT.hold(self.storage, WRITER, self.record)
+            if self.storage.create(self.key, json.dumps(self.record).encode()):
+                HEARTBEAT.hold(self.storage, self.key, self.record)
                 return self
-            other = _read(self.storage, WRITER)
+            other = _read(self.storage, self.key)
             if other is not None and is_alive(other):
                 raise CacheError(
                     f"{self.storage.url} is being written by {describe(other)}; wait for it to finish, or, "
-                    f"if that process is gone, delete {self.storage.url}/{WRITER}"
+                    f"if that process is gone, delete {self.storage.url}/{self.key}"
                 )
-            log.warning("removing a stale writer lock (%s)", describe(other) if other else "unreadable")
-            self.storage.delete(WRITER)
+            log.warning("removing a stale lock (%s)", describe(other) if other else "unreadable")
+            self.storage.delete(self.key)
         raise CacheError(f"could not lock {self.storage.url} for writing; retry")
 
     def check(self) -> None:
@@ -196,10 +197,10 @@ class WriterLock:
         Fence(self.storage, self.token, self.record)()
 
     def release(self) -> None:
-        HEARTBEAT.drop(self.storage, WRITER)
-        current = _read(self.storage, WRITER)
+        HEARTBEAT.drop(self.storage, self.key)
+        current = _read(self.storage, self.key)
         if current is not None and current.get("token") == self.token:
-            self.storage.delete(WRITER)
+            self.storage.delete(self.key)
 
     def __enter__(self) -> WriterLock:
         return self.acquire()

@@ -9,6 +9,7 @@ import errno
 import functools
 import json
 import logging
+import shlex
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -41,10 +42,20 @@ def _guard(fn: Callable) -> Callable:
             )
             sys.exit(1)
         except KeyboardInterrupt:
-            click.echo("interrupted; finished shards are kept: rerun the same command to resume", err=True)
+            click.echo(f"interrupted; {_resume_hint(click.get_current_context().info_name)}", err=True)
             sys.exit(130)
 
     return wrapper
+
+
+def _resume_hint(command: str | None) -> str:
+    """What to run to pick up an interrupted command where it stopped."""
+    if command == "train-student":
+        args = [a for a in sys.argv[1:] if a not in ("--overwrite", "--resume")]
+        return f"its checkpoints are kept: resume with `pipeline {shlex.join([*args, '--resume'])}`"
+    if command in ("cache-teacher", "ablate", "finetune"):
+        return "finished work is kept: rerun the same command to resume"
+    return "nothing was left half-written: rerun the same command"
 
 
 def config_options(fn: Callable) -> Callable:

@@ -4,12 +4,18 @@
 loaded with `weights_only=True`) and, written last by rank 0 once every rank has finished,
 `complete.json` (step, world size, resolved config, reader state). `latest` names the newest
 complete checkpoint and is written after it. A resume whose newest checkpoint is incomplete (a
-kill during the write) falls back to the previous complete one and says so. DeepSpeed's own
-loader unpickles its files: run and checkpoint directories must be trusted.
+kill during the write) falls back to the previous complete one and says so.
+
+Loading a pickle can run code. So `complete.json` records the sha256 of every file of the
+checkpoint, and a resume refuses any file whose hash differs or that was not recorded; DeepSpeed's
+files then load with `weights_only=True` (plus the three DeepSpeed classes ZeRO stores, which
+carry data only), and only a file that still needs another class is unpickled in full, having
+matched the hash recorded when this tool wrote it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import pickle
@@ -27,6 +33,7 @@ from pipeline.errors import DistilcacheError
 log = logging.getLogger(__name__)
 COMPLETE = "complete.json"
 RESUMABLE_KEYS = {
+    "output_dir",
     "log_every",
     "eval_every",
     "eval_sequences",
@@ -35,8 +42,10 @@ RESUMABLE_KEYS = {
     "data.num_workers",
     "data.prefetch_groups",
 }
-"""Keys a resumed run may change: logging, evaluation and checkpoint cadence, reader workers.
-Everything else changes the data order, the model, the optimizer or the schedule."""
+"""Keys a resumed run may change: where the run directory is (a moved or copied run resumes),
+logging, evaluation and checkpoint cadence, reader workers. Everything else changes the data
+order, the model, the optimizer or the schedule (the cache's path may change too when its
+fingerprint does not)."""
 
 
 def tag_of(step: int) -> str:
@@ -80,7 +89,8 @@ def save(engine, directory: Path, step: int, client: dict, rank: int, world: int
     engine.save_checkpoint(str(directory), tag=tag, client_state=client, save_latest=False)
     torch_dist.barrier()
     if rank == 0:
-        write_json_atomic(path / COMPLETE, {"step": step, "world_size": world, **client})
+        files = {p.relative_to(path).as_posix(): _sha256(p) for p in sorted(path.rglob("*")) if p.is_file()}
+        write_json_atomic(path / COMPLETE, {"step": step, "world_size": world, **client, "files": files})
         write_text_atomic(directory / "latest", tag)
         complete = [p for p in sorted(directory.glob("step-*")) if (p / COMPLETE).is_file()]
         for old in complete[:-keep]:
@@ -104,11 +114,66 @@ def resumable(directory: Path) -> tuple[Path, dict]:
     return chosen, json.loads((chosen / COMPLETE).read_text())
 
 
-def resume_diff(saved: dict, current: dict) -> list[str]:
-    """Config keys whose change would make a resumed run differ from an uninterrupted one."""
+def resume_diff(saved: dict, current: dict, same_cache: bool = False) -> list[str]:
+    """Config keys whose change would make a resumed run differ from an uninterrupted one
+    (`same_cache`: the cache at the new path has the checkpoint's fingerprint)."""
     a, b = flatten(saved), flatten(current)
-    changed = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in RESUMABLE_KEYS]
+    free = RESUMABLE_KEYS | ({"cache"} if same_cache else set())
+    changed = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in free]
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_files(path: Path, record: dict) -> None:
+    """Refuse a checkpoint holding a file this tool did not write, or one changed since."""
+    recorded = record.get("files")
+    if not isinstance(recorded, dict):
+        raise DistilcacheError(
+            f"--resume: {path / COMPLETE} records no file hashes (written by an older distilcache, or edited); "
+            "refusing to unpickle its files: start a new run with --overwrite"
+        )
+    present = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()} - {COMPLETE}
+    for name in sorted(present - set(recorded)):
+        raise DistilcacheError(f"--resume: {path / name} was not written with this checkpoint; refusing to load it")
+    for name, digest in sorted(recorded.items()):
+        if not (path / name).is_file() or _sha256(path / name) != digest:
+            raise DistilcacheError(
+                f"--resume: {path / name} differs from the hash recorded when it was saved (or is missing); "
+                "refusing to load it (unpickling can run code): resume from another checkpoint or start over"
+            )
+
+
+def _safe_globals() -> list:
+    """The DeepSpeed classes a ZeRO checkpoint holds besides tensors: plain data carriers."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def load(engine, path: Path) -> None:
+    """DeepSpeed's load of a checkpoint whose files `check_files` accepted, with weights_only."""
+
+    def weights_only_load(file: str, map_location=None):
+        with torch.serialization.safe_globals(_safe_globals()):
+            try:
+                return torch.load(file, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as exc:  # another class: the file's hash matched the recorded one
+                log.debug("%s needs a full unpickle (%s)", file, str(exc).splitlines()[-1][:120])
+                return torch.load(file, map_location=map_location, weights_only=False)
+
+    engine.checkpoint_engine.load = weights_only_load
+    loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
+    if loaded is None:
+        raise DistilcacheError(f"--resume: cannot load the checkpoint {path}")
 
 
 def load_rng(path: Path, rank: int) -> None:

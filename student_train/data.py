@@ -13,7 +13,11 @@ at most a group's worth of rows per stream is left unread). The state is (epoch,
 
 from __future__ import annotations
 
+import functools
 import os
+import select
+import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +32,7 @@ from cache_format.layout import SplitLayout
 from cache_format.reader import CacheReader
 from cache_format.rng import STREAM_BLOCKS, STREAM_ROWS, derive_seed, permutation
 from cache_format.settings import CacheSettings
+from pipeline.errors import DistilcacheError
 from student_train.config import DataConfig, reader_options
 
 CLOUD_ENV = ("AWS_", "GOOGLE_", "AZURE_", "DISTILCACHE_")
@@ -117,8 +122,13 @@ class GroupDataset(Dataset):
     def __len__(self) -> int:  # items are addressed by key, not by position
         return 0
 
-    def __getitem__(self, key: tuple[int, int, int]) -> dict[str, torch.Tensor]:
-        epoch, stream, group = key
+    def __getitem__(self, key: tuple[int, int, int]) -> dict[str, torch.Tensor] | WorkerFailure:
+        try:
+            return self._group(*key)
+        except DistilcacheError as exc:  # handed back as it was raised: one line, not a worker traceback
+            return WorkerFailure(type(exc), str(exc))
+
+    def _group(self, epoch: int, stream: int, group: int) -> dict[str, torch.Tensor]:
         if self._reader is None:
             os.environ.update(self.env)
             self._reader = CacheReader(self.location, check=False, **self.options)
@@ -229,6 +239,7 @@ class CacheBatches:
             # dropout after a resume (a new loader starts mid-epoch there)
             generator=torch.Generator().manual_seed(derive_seed(self.seed, plan.epoch)),
             multiprocessing_context="forkserver" if self.cfg.num_workers else None,
+            worker_init_fn=functools.partial(_exit_with, os.getpid()) if self.cfg.num_workers else None,
         )
         buffers = {s: _RowBuffer() for s in mine}
         pending: dict[int, deque] = {s: deque() for s in mine}
@@ -239,6 +250,8 @@ class CacheBatches:
                 while len(buffers[s]) < plan.rows_per_stream:
                     if not pending[s]:
                         for (_, stream, _), group in items:  # fetch until stream s has a group
+                            if isinstance(group, WorkerFailure):
+                                raise group.error(group.message)
                             pending[stream].append(group)
                             if stream == s:
                                 break
@@ -246,6 +259,36 @@ class CacheBatches:
                 parts.append(buffers[s].take(plan.rows_per_stream))
             self.batch = batch + 1
             yield {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+@dataclass(frozen=True)
+class WorkerFailure:
+    """A user-facing error raised in a DataLoader worker, carried to the training process."""
+
+    error: type[DistilcacheError]
+    message: str
+
+
+def _exit_with(parent: int, worker_id: int) -> None:
+    """Make a DataLoader worker exit when the training process does, even killed with -9: a
+    forkserver worker's parent is the fork server, which outlives the trainer, so torch's own
+    parent check never fires and the workers (and with them the fork server) would stay."""
+    del worker_id
+
+    def watch() -> None:
+        try:
+            fd = os.pidfd_open(parent)
+            select.select([fd], [], [])  # readable once the process has exited
+        except (AttributeError, OSError):  # no pidfd (not Linux >= 5.3): poll
+            while True:
+                try:
+                    os.kill(parent, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _interleave(ranges: dict[int, range], epoch: int) -> list[tuple[int, int, int]]:

@@ -23,12 +23,13 @@ from typing import Any
 import yaml
 from tqdm import tqdm
 
+from cache_format.atomic import write_json_atomic
 from pipeline.config import apply_mapping, from_dict, to_dict
 from pipeline.dist import LAUNCHER_VARS
 from pipeline.errors import ConfigError, DistilcacheError
 from student_train.checks import preflight
 from student_train.config import TrainConfig
-from student_train.trainer import SUMMARY_FILE
+from student_train.run_dir import RUN_FILES, SUMMARY_FILE
 
 log = logging.getLogger(__name__)
 GRID_KEYS = {"name", "description", "base", "baseline", "primary_metric", "variants", "paper"}
@@ -104,10 +105,19 @@ def resolve_variants(
     return configs
 
 
+MARKER = "ablate.json"
+"""Written by the sweep into every run directory it starts: it resumes or replaces only those."""
+
+
 def state(cfg: TrainConfig) -> str:
     """done (a summary with this config), resume (a checkpoint of this config), or fresh (a run
-    of another config is replaced, never mixed)."""
+    of another config is replaced, never mixed); a run directory the sweep did not start is
+    refused (resuming it would unpickle files of unknown origin, replacing it would delete them)."""
     run = Path(cfg.output_dir)
+    if any((run / n).exists() for n in RUN_FILES) and not (run / MARKER).is_file():
+        raise DistilcacheError(
+            f"{run} holds a run that this sweep did not start (no {MARKER}); move it away or choose another --output"
+        )
     summary = run / SUMMARY_FILE
     if summary.is_file():
         return "done" if json.loads(summary.read_text()).get("config") == to_dict(cfg) else "fresh"
@@ -171,6 +181,9 @@ def _launch(name: str, cfg: TrainConfig, s: str, out: Path, gpu: int | None) -> 
     config.parent.mkdir(parents=True, exist_ok=True)
     (out / "logs" / f"{name}.log").parent.mkdir(parents=True, exist_ok=True)
     config.write_text(yaml.safe_dump({"train": to_dict(cfg)}, sort_keys=False))
+    run = Path(cfg.output_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run / MARKER, {"sweep": str(out), "run": name})
     cmd = [sys.executable, "-m", "pipeline", "train-student", "--config", str(config)]
     cmd.append("--resume" if s == "resume" else "--overwrite")
     env = dict(os.environ)

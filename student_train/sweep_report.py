@@ -15,9 +15,9 @@ from cache_format.reader import CacheReader
 from pipeline.config import flatten
 from student_train.config import TrainConfig
 from student_train.evaluate import METRICS
+from student_train.run_dir import SUMMARY_FILE
 from student_train.sweep import Grid
 from student_train.tasks import metric_values
-from student_train.trainer import SUMMARY_FILE
 from student_train.uncertainty import TOKEN_METRICS, bootstrap_delta, paired_delta, verdict
 
 HIGHER_IS_BETTER = {

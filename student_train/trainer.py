@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,9 +42,9 @@ from student_train.evaluate import evaluate, load_rows, table
 from student_train.export import export_student
 from student_train.metrics import MetricsLog, StepStats
 from student_train.model import DistillModule, hidden_size, init_from_teacher, student_config
+from student_train.run_dir import SUMMARY_FILE, RunDir
 
 log = logging.getLogger(__name__)
-SUMMARY_FILE = "summary.json"
 LOSS_TERMS = ("kd", "mlm", "cos")
 
 
@@ -53,23 +52,29 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, online_teacher: bool = False, resume: bool = False, overwrite: bool = False):
         self.cfg, self.online, self.resume, self.overwrite = cfg, online_teacher, resume, overwrite
         self.run_dir = Path(cfg.output_dir)
+        self.room = RunDir(self.run_dir)
         self.step = 0
         self.teacher: torch.nn.Module | None = None
 
     # ----------------------------------------------------------------------------- setup
 
     def setup(self) -> None:
-        self._check_run_dir()
+        """Everything is checked before anything is written: a refused run (a resume whose config
+        differs, a cache that does not fit) leaves the run directory as it was."""
+        self.room.lock()
+        if not self.resume:
+            self.room.clear_earlier_run(self.overwrite)
         self.rank, self.world, self.device = init_training()
         self.cpu = self.device.type == "cpu"
         self.precision = resolve_precision(self.cfg.precision, self.cpu)
         _seed_everything(self.cfg.seed)
         self._setup_cache_and_model()
         self._setup_data()
+        checkpoint_to_load = self._check_resume() if self.resume else None
         self._setup_engine()
         self._setup_run_dir()
-        if self.resume:
-            self._load_checkpoint()
+        if checkpoint_to_load is not None:
+            self._load_checkpoint(*checkpoint_to_load)
 
     def _setup_cache_and_model(self) -> None:
         from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
@@ -164,21 +169,6 @@ class Trainer:
         self.ds_config = ds_config.resolve(template, self.cfg, self.world, self.total_steps, self.precision, self.cpu)
         params = [p for p in self.module.parameters() if p.requires_grad]
         self.engine, *_ = deepspeed.initialize(model=self.module, model_parameters=params, config=self.ds_config)
-
-    def _check_run_dir(self) -> None:
-        """A fresh run never mixes with an earlier one's checkpoints, metrics or summary."""
-        if self.resume:
-            return
-        stale = [self.run_dir / n for n in ("checkpoints", "metrics.jsonl", SUMMARY_FILE, "final", "tensorboard")]
-        stale = [p for p in stale if p.exists()]
-        if stale and not self.overwrite:
-            raise DistilcacheError(
-                f"output_dir {self.run_dir} holds an earlier run ({', '.join(p.name for p in stale)}); "
-                "pass --resume to continue it, --overwrite to start over, or choose another output_dir"
-            )
-        if stale and int(os.environ.get("RANK", "0")) == 0:
-            for p in stale:
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
 
     def _setup_run_dir(self) -> None:
         if self.rank == 0:
@@ -303,15 +293,23 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """DeepSpeed checkpoint + client state (step, data position, config) + every rank's RNG state."""
-        client = {"step": self.step, "data": self.batches.state_dict(), "config": to_dict(self.cfg)}
+        client = {
+            "step": self.step,
+            "data": self.batches.state_dict(),
+            "config": to_dict(self.cfg),
+            "cache_fingerprint": self.reader.settings.fingerprint,
+        }
         directory = self.run_dir / "checkpoints"
         return checkpoint.save(
             self.engine, directory, self.step, client, self.rank, self.world, self.cfg.keep_checkpoints
         )
 
-    def _load_checkpoint(self) -> None:
+    def _check_resume(self) -> tuple[Path, dict]:
+        """The checkpoint a --resume continues from, refused before anything is written when it
+        was made by another config, cache or number of processes."""
         path, record = checkpoint.resumable(self.run_dir / "checkpoints")
-        diff = checkpoint.resume_diff(record["config"], to_dict(self.cfg))
+        same_cache = record.get("cache_fingerprint") == self.reader.settings.fingerprint
+        diff = checkpoint.resume_diff(record["config"], to_dict(self.cfg), same_cache)
         if diff:
             raise DistilcacheError(
                 f"--resume: the config differs from the checkpoint's in keys that change the run ({'; '.join(diff)}); "
@@ -322,9 +320,11 @@ class Trainer:
                 f"--resume: the checkpoint was written by {record['world_size']} process(es), this run has "
                 f"{self.world}; resume with the same launcher settings"
             )
-        loaded, _ = self.engine.load_checkpoint(str(path.parent), tag=path.name)
-        if loaded is None:
-            raise DistilcacheError(f"--resume: cannot load the checkpoint {path}")
+        checkpoint.check_files(path, record)
+        return path, record
+
+    def _load_checkpoint(self, path: Path, record: dict) -> None:
+        checkpoint.load(self.engine, path)
         self.step = record["step"]
         self.batches.load_state_dict(record["data"])
         checkpoint.load_rng(path, self.rank)
@@ -347,6 +347,7 @@ class Trainer:
             self.metrics.close()
         if hasattr(self, "reader"):
             self.reader.close()
+        self.room.release()
 
 
 def _check_finite(step: int, sums: torch.Tensor) -> None:

@@ -142,7 +142,7 @@ def test_existing_cache_with_another_config(cache_cfg):
 
 
 def test_disk_full_through_the_cli(cache_cfg, monkeypatch):
-    def full(self, split, shard, data, info):
+    def full(self, split, shard, data, info, fence=None):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(CacheStore, "write_shard", full)
