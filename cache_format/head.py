@@ -8,13 +8,17 @@ and fills only the head.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 HEAD_FILE = "mlm_head.safetensors"
+LOAD_ERRORS = (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError)
+"""What `from_pretrained` raises for a missing, unreadable or damaged model directory."""
 _HEAD_ATTRS = ("cls", "lm_head", "predictions")
 """BERT-like models keep the head in `cls`, RoBERTa-likes (XLM-R, CamemBERT, MPNet, ...) in
 `lm_head`, ALBERT in `predictions`."""

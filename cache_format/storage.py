@@ -24,6 +24,7 @@ from obstore.exceptions import AlreadyExistsError
 from zarr.storage import LocalStore
 
 from cache_format.atomic import PARTIAL, fsync_dir, write_bytes_atomic
+from cache_format.credentials import check_credentials
 from pipeline.errors import CacheError
 
 
@@ -201,7 +202,7 @@ class ObjectStorage:
         from obstore.store import from_url
 
         self.url = url.rstrip("/")
-        options = dict(options or {})
+        options = check_credentials(self.url, options or {})
         client = {k: options.pop(k) for k in list(options) if k in _CLIENT_OPTIONS}
         self._store = from_url(self.url, client_options=client or None, **options)
 

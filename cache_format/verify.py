@@ -48,6 +48,7 @@ class Report:
     unrepairable: list[str] = field(default_factory=list)
     """Damage a shard recomputation cannot mend (the header, array metadata)."""
     torn_manifest: bool = False
+    """The manifest is unusable (torn, incomplete) or must be rewritten: repair removes it."""
     header_copy: bytes | None = None
     """The header's bytes as the manifest keeps them, when the header itself is torn."""
     shards: int = 0
@@ -183,7 +184,9 @@ def _check_manifest(store: CacheStore, manifest: dict, committed: dict, report: 
             if problem:
                 report.problems.append(f"{key}: {problem}")
                 if group == "metadata":
-                    report.unrepairable.append(key)  # the teacher files are rewritten on resume
+                    report.unrepairable.append(key)
+                else:  # the teacher files are rewritten by the rerun, which then writes a new manifest
+                    report.torn_manifest = True
             else:
                 report.bytes += meta["bytes"]
     records = {}

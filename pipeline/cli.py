@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from pipeline.config import load_config, to_yaml
-from pipeline.errors import DistilcacheError
+from pipeline.errors import DistilcacheError, first_line
 from pipeline.log import setup_logging
 
 log = logging.getLogger("pipeline")
@@ -40,6 +40,12 @@ def _guard(fn: Callable) -> Callable:
             click.echo(
                 f"error: disk full{where}; free space and rerun the same command (finished work is kept)", err=True
             )
+            sys.exit(1)
+        except Exception as exc:
+            if not type(exc).__module__.startswith("obstore"):
+                raise
+            # an object-store failure the stages did not translate (permissions, a dead endpoint)
+            click.echo(f"error: object store: {first_line(exc)}; check the URL, credentials and endpoint", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
             click.echo(f"interrupted; {_resume_hint(click.get_current_context().info_name)}", err=True)
@@ -102,7 +108,7 @@ def main(verbose: bool) -> None:
 
 @main.command("adapt-teacher")
 @config_options
-@click.option("--overwrite", is_flag=True, help="Replace an output_dir that adapt-teacher did not write.")
+@click.option("--overwrite", is_flag=True, help="Adapt again even when output_dir holds an up-to-date teacher.")
 @_guard
 def adapt_teacher(config_path: str | None, overrides: tuple[str, ...], print_config: bool, overwrite: bool) -> None:
     """Turn an encoder without MLM head into a masked-LM teacher (section `adapt`)."""

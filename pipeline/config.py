@@ -52,15 +52,41 @@ def apply_mapping(data: dict[str, Any], changes: dict[str, Any], prefix: str = "
     return data
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps
+    the last value silently: a config would run with a value its reader never sees)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    first: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        if key in first:
+            raise ConfigError(f"duplicate key {key!r} at line {line} (first at line {first[key]}); keep one of them")
+        first[key] = line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """Parse YAML with duplicate keys refused; errors name `source`."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source} is not valid YAML: {exc}") from None
+
+
 def read_section(path: str | Path, section: str) -> dict[str, Any]:
     """The mapping under ``section`` in a YAML config file (empty when the section is absent)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found; pass an existing YAML file to --config")
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    doc = load_yaml(path.read_text(encoding="utf-8"), f"config file {path}") or {}
     if not isinstance(doc, dict):
         raise ConfigError(f"config file {path} must be a mapping of sections ({', '.join(SECTIONS)})")
     unknown = sorted(set(doc) - set(SECTIONS))
@@ -80,8 +106,10 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set outputs.k=32")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+        value = load_yaml(raw, f"--set {item!r}") if raw.strip() else None
+    except ConfigError as exc:
+        if "duplicate key" in str(exc):
+            raise
         value = raw
     return key.strip().split("."), value
 

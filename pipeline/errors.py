@@ -11,3 +11,8 @@ class ConfigError(DistilcacheError):
 
 class CacheError(DistilcacheError):
     """The cache is missing, incomplete, corrupt or belongs to another config."""
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's first line (or its type when it has no message), for one-line errors."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]

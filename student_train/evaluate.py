@@ -13,6 +13,7 @@ samples.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -25,9 +26,10 @@ from cache_format.encode import decode_hidden, teacher_top1
 from cache_format.layout import valid_positions
 from cache_format.reader import CacheReader
 from pipeline.errors import DistilcacheError
-from student_train.card import lineage_problem
+from student_train.card import LINEAGE, lineage_problem
 from student_train.losses import IGNORE_INDEX, cosine_loss, kd_full
 
+log = logging.getLogger(__name__)
 Forward = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 METRICS = ("masked_accuracy", "perplexity", "teacher_top1_agreement", "kl_teacher_student", "hidden_cosine")
 """Headline metrics: accuracy, perplexity, agreement and KL at masked positions; cosine at non-pad ones."""
@@ -161,6 +163,11 @@ def _fmt(x: float) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
 
 
+def _lineage(model_dir: Path) -> dict:
+    path = model_dir / LINEAGE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def load_student(model_dir: str | Path, device: torch.device, reader: CacheReader | None = None) -> Forward:
     """An exported student (save_pretrained dir, plus the cosine projection when it was trained);
     with `reader`, refused unless its vocabulary and tokenizer are the cache's."""
@@ -176,6 +183,16 @@ def load_student(model_dir: str | Path, device: torch.device, reader: CacheReade
         if problem:
             raise DistilcacheError(
                 f"--model {model_dir}: {problem}; evaluate a model distilled from this cache's teacher"
+            )
+        recorded = _lineage(model_dir).get("cache_fingerprint")
+        if recorded and recorded != reader.settings.fingerprint:
+            log.warning(
+                "warning: --model %s was distilled from the cache with fingerprint %s, not this one (%s): its "
+                "held-out rows and masks are another cache's, so these figures do not compare with its training "
+                "run's evaluation",
+                model_dir,
+                recorded[:12],
+                reader.settings.fingerprint[:12],
             )
     projection = None
     proj_file = model_dir / "distill_projection.safetensors"

@@ -23,9 +23,10 @@ import torch
 from tqdm import tqdm
 
 from cache_format.atomic import write_json_atomic
+from cache_format.head import LOAD_ERRORS
 from cache_format.rng import permutation
 from pipeline.config import to_dict
-from pipeline.errors import DistilcacheError
+from pipeline.errors import DistilcacheError, first_line
 from student_train import speed
 from student_train.finetune_config import FinetuneConfig, RecipeConfig
 from student_train.tasks import STREAM_TASK, TaskData, load_task, metric_values
@@ -64,10 +65,8 @@ def load_classifier(path: str, task: TaskData):
             model = AutoModelForSequenceClassification.from_config(config)
         else:
             model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=task.num_labels, **extra)
-    except (OSError, ValueError) as exc:
-        raise DistilcacheError(
-            f"model {path}: cannot load it as a classifier ({str(exc).splitlines()[0][:160]})"
-        ) from None
+    except LOAD_ERRORS as exc:
+        raise DistilcacheError(f"model {path}: cannot load it as a classifier ({first_line(exc)})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
     return tokenizer, model

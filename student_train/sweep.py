@@ -24,7 +24,7 @@ import yaml
 from tqdm import tqdm
 
 from cache_format.atomic import write_json_atomic
-from pipeline.config import apply_mapping, from_dict, to_dict
+from pipeline.config import apply_mapping, from_dict, load_yaml, to_dict
 from pipeline.dist import LAUNCHER_VARS
 from pipeline.errors import ConfigError, DistilcacheError
 from student_train.checks import preflight
@@ -52,7 +52,7 @@ def load_grid(path: str | Path) -> Grid:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"grid file {path} not found; see configs/ablations/ for examples")
-    doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    doc = load_yaml(path.read_text(encoding="utf-8"), f"grid file {path}") or {}
     if not isinstance(doc, dict):
         raise ConfigError(f"grid file {path} must be a mapping with `variants`")
     unknown = sorted(set(doc) - GRID_KEYS)

@@ -83,6 +83,8 @@ def load_task(cfg: TaskConfig) -> TaskData:
     evaluation = _subset(evaluation, cfg.max_eval_examples, cfg.split_seed + 2)
     raw_train, raw_eval = list(train[cfg.label_column]), list(evaluation[cfg.label_column])
     kind, names, y_train, y_eval = _labels(raw_train, raw_eval, cfg.type)
+    _check_spread(kind, names, y_train, "training")
+    _check_spread(kind, names, y_eval, "validation")
     pair = cfg.text_pair_column
     return TaskData(
         [str(t) for t in train[cfg.text_column]],
@@ -162,6 +164,21 @@ def _labels(train: list, evaluation: list, kind: str) -> tuple[str, list[str] | 
         np.asarray([index[str(v)] for v in train], np.int64),
         np.asarray([index[str(v)] for v in evaluation], np.int64),
     )
+
+
+def _check_spread(kind: str, names: list[str] | None, labels: np.ndarray, which: str) -> None:
+    """A classifier needs two classes to learn and to be scored against (a one-class split scores
+    accuracy 1.0 for any model); a regression needs labels that vary."""
+    if kind == "classification" and len(np.unique(labels)) < 2:
+        only = names[int(labels[0])] if len(labels) and names else "none"
+        raise DistilcacheError(
+            f"task: the {which} examples hold {len(np.unique(labels))} class ({only!r} only); a classification "
+            "task needs at least two: check task.label_column, the split, or the validation_fraction"
+        )
+    if kind == "regression" and (len(labels) < 2 or float(np.ptp(labels)) == 0.0):
+        raise DistilcacheError(
+            f"task: the {which} labels are constant; a regression needs labels that vary (check task.label_column)"
+        )
 
 
 def metric_values(names: list[str], labels: np.ndarray, predictions: np.ndarray) -> dict[str, float]:

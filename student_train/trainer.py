@@ -27,12 +27,13 @@ from tqdm import tqdm
 
 from cache_format.atomic import write_json_atomic
 from cache_format.hashing import tokenizer_sha256, weights_sha256
+from cache_format.head import LOAD_ERRORS
 from cache_format.kd_modes import KD_MODES
 from cache_format.layout import valid_positions
 from cache_format.reader import CacheReader
 from pipeline.config import to_dict
 from pipeline.dist import init_training, resolve_head_dtype, resolve_precision
-from pipeline.errors import DistilcacheError
+from pipeline.errors import DistilcacheError, first_line
 from pipeline.versions import library_versions
 from student_train import checkpoint, ds_config, losses
 from student_train.checks import check_cache, kd_mode_advice
@@ -122,10 +123,10 @@ class Trainer:
         name = self.cfg.student.teacher or cached.name
         try:
             teacher = auto_cls.from_pretrained(name)
-        except (OSError, ValueError):
+        except LOAD_ERRORS as exc:
             raise DistilcacheError(
-                f"teacher weights {name!r} not found (needed for student.init=teacher or --online-teacher); "
-                "set student.teacher to their location or use student.init=random"
+                f"teacher weights {name!r} not found or unreadable ({first_line(exc)}; needed for student.init=teacher "
+                "or --online-teacher); set student.teacher to their location or use student.init=random"
             ) from None
         digest = weights_sha256(teacher)
         if digest != cached.weights_sha256:

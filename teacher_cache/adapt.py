@@ -22,12 +22,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from cache_format.atomic import write_json_atomic
 from cache_format.hashing import tokenizer_sha256, weights_sha256
-from cache_format.head import find_head
+from cache_format.head import LOAD_ERRORS, find_head
 from cache_format.layout import valid_positions
 from cache_format.rng import STREAM_SHUFFLE, permutation
 from pipeline.config import to_dict
-from pipeline.errors import DistilcacheError
+from pipeline.errors import DistilcacheError, first_line
 from teacher_cache.config import AdaptConfig
 from teacher_cache.corpus import PackedSplit, prepare_corpus
 from teacher_cache.masking import IGNORE_INDEX, make_spec, mask_batch
@@ -66,10 +67,8 @@ def _load(base_dir: str):
         model, info = AutoModelForMaskedLM.from_pretrained(
             base_dir, output_loading_info=True, attn_implementation="sdpa"
         )
-    except (OSError, ValueError) as exc:
-        raise DistilcacheError(
-            f"adapt.base: cannot load {base_dir!r} as a masked LM: {str(exc).splitlines()[0][:200]}"
-        ) from None
+    except LOAD_ERRORS as exc:
+        raise DistilcacheError(f"adapt.base: cannot load {base_dir!r} as a masked LM: {first_line(exc)}") from None
     finally:
         hf_logging.set_verbosity_warning()
     if info["missing_keys"]:
@@ -160,21 +159,64 @@ def _masked(packed: PackedSplit, rows: np.ndarray, view: int, seed: int, spec):
     )
 
 
-def check_output_dir(out: Path, overwrite: bool) -> None:
-    """Only a directory adapt-teacher wrote itself (its INFO_FILE marks it) is ever replaced."""
+def _record(out: Path) -> dict | None:
+    """adapt-teacher's record in `out` (its marker), or None."""
+    try:
+        return json.loads((out / INFO_FILE).read_text())
+    except (FileNotFoundError, NotADirectoryError, ValueError):
+        return None
+
+
+def _files(directory: Path) -> set[str]:
+    return {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()}
+
+
+def check_output_dir(out: Path) -> None:
+    """Only a directory adapt-teacher wrote itself (its INFO_FILE marks it) is ever written into."""
     if out.exists() and not out.is_dir():
         raise DistilcacheError(f"adapt.output_dir {out} is a file; choose a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / INFO_FILE).is_file() and not overwrite:
+    if out.is_dir() and any(out.iterdir()) and _record(out) is None:
+        found = ", ".join(sorted(_files(out))[:3])
         raise DistilcacheError(
-            f"adapt.output_dir {out} holds files adapt-teacher did not write; choose another output_dir, "
-            "or pass --overwrite to replace them"
+            f"adapt.output_dir {out} holds files adapt-teacher did not write ({found}); choose an empty or new "
+            "output_dir (adapt-teacher never deletes files it did not write, --overwrite included)"
         )
 
 
+def _publish(tmp: Path, out: Path, info: dict) -> None:
+    """Put the new teacher in `out`, replacing only the files adapt-teacher wrote there before:
+    files a user added beside them stay. The record is written last; while files are being
+    replaced it lists the old and the new ones, so a kill leaves no file unaccounted for."""
+    info["files"] = sorted(_files(tmp))
+    new = set(info["files"])
+    if not out.exists():
+        write_json_atomic(tmp / INFO_FILE, info)
+        os.replace(tmp, out)
+        return
+    present = _files(out) - {INFO_FILE}
+    old = set((_record(out) or {}).get("files", present & new))  # a record of before v3 lists none
+    if not present - old:  # nothing of the user's: swap the whole directory
+        write_json_atomic(tmp / INFO_FILE, info)
+        trash = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, trash)  # away first, so that no reader sees a half-deleted teacher
+        os.replace(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+        return
+    write_json_atomic(out / INFO_FILE, {"state": "replacing", "files": sorted(old | new)})
+    for name in sorted(new):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp / name, out / name)
+    for name in sorted(old - new):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_json_atomic(out / INFO_FILE, info)
+
+
 def run_adapt(cfg: AdaptConfig, overwrite: bool = False) -> Path:
-    """Adapt `cfg.base` into a masked-LM teacher at `cfg.output_dir` (reused when up to date)."""
+    """Adapt `cfg.base` into a masked-LM teacher at `cfg.output_dir` (reused when up to date,
+    unless `overwrite`)."""
     out = Path(cfg.output_dir).expanduser()
-    check_output_dir(out, overwrite)
+    check_output_dir(out)
     base_dir = resolve_base(cfg.base)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -188,9 +230,8 @@ def run_adapt(cfg: AdaptConfig, overwrite: bool = False) -> Path:
         "corpus": corpus.fingerprint,
     }
     fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
-    info_path = out / INFO_FILE
-    if info_path.is_file() and json.loads(info_path.read_text()).get("fingerprint") == fingerprint:
-        info = json.loads(info_path.read_text())
+    info = _record(out) or {}
+    if not overwrite and info.get("fingerprint") == fingerprint and "state" not in info:
         log.info(
             "adapted teacher %s is up to date (masked-token accuracy %.3f); reusing it",
             out,
@@ -247,12 +288,7 @@ def run_adapt(cfg: AdaptConfig, overwrite: bool = False) -> Path:
         "final_loss": loss,
         "config": to_dict(cfg),
     }
-    (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))  # the marker: written last
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)  # away first, so that no reader sees a half-deleted teacher
-        shutil.rmtree(old, ignore_errors=True)
-    os.replace(tmp, out)
+    _publish(tmp, out, info)
     return out
 
 

@@ -117,6 +117,12 @@ def _tokenizer_info(teacher: Teacher) -> dict:
 
 def check_compatible(cfg: CacheConfig, teacher: Teacher) -> None:
     problems = []
+    if len(teacher.tokenizer) > teacher.vocab_size:
+        problems.append(
+            f"teacher.name: its tokenizer has {len(teacher.tokenizer):,} tokens but the model's vocabulary "
+            f"{teacher.vocab_size:,}: ids from {teacher.vocab_size:,} up have no embedding; use the tokenizer the "
+            "model was trained with, or resize its embeddings and save it again"
+        )
     if cfg.outputs.k > teacher.vocab_size:
         problems.append(
             f"outputs.k={cfg.outputs.k} exceeds the teacher vocabulary ({teacher.vocab_size}); "

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from cache_format.hashing import tokenizer_sha256, weights_sha256
-from cache_format.head import find_head
+from cache_format.head import LOAD_ERRORS, find_head
 from pipeline.errors import DistilcacheError
 from teacher_cache.config import TeacherConfig
 from teacher_cache.topk import chunked_logit_stats
@@ -174,10 +174,10 @@ def load_teacher(cfg: TeacherConfig) -> Teacher:
                 "AutoModelForMaskedLM loads (BERT, RoBERTa, DistilBERT, ...)"
             ) from None
         raise TeacherError(f"teacher.name: cannot load {cfg.name!r}: {_short(exc)}") from None
-    except OSError as exc:
+    except LOAD_ERRORS as exc:
         raise TeacherError(
-            f"teacher.name: cannot load {cfg.name!r} ({_short(exc)}); check the "
-            "name or path (offline: use a local directory)"
+            f"teacher.name: cannot load {cfg.name!r} ({_short(exc)}); check the name or path (offline: use a local "
+            "directory), or, if its weight files are damaged, download or save them again"
         ) from None
     finally:
         hf_logging.set_verbosity(verbosity)

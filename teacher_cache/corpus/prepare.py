@@ -73,15 +73,18 @@ def prepare_corpus(cfg: CorpusConfig, tokenizer, tokenizer_hash: str, cache_dir:
     fp = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
     out = cache_dir / "corpus" / fp[:20]
     if not (out / "meta.json").is_file():
-        _build(cfg, tokenizer, key, fp, out, cache_dir, seed)
+        tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+        try:
+            _build(cfg, tokenizer, key, fp, out, tmp, cache_dir, seed)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # a failed build leaves nothing behind
     else:
         log.info("packed corpus: reusing %s", out)
     return _open(out)
 
 
-def _build(cfg, tokenizer, key: dict, fp: str, out: Path, cache_dir: Path, seed: int) -> None:
+def _build(cfg, tokenizer, key: dict, fp: str, out: Path, tmp: Path, cache_dir: Path, seed: int) -> None:
     train, evaluation = _split_documents(*load_documents(cfg, cache_dir), cfg, seed)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     meta = {"fingerprint": fp, "key": key, "documents": {}, "sequences": {}, "tokens": {}}
@@ -90,9 +93,12 @@ def _build(cfg, tokenizer, key: dict, fp: str, out: Path, cache_dir: Path, seed:
         if docs is None:
             continue
         tokenized = _tokenize(docs, tokenizer, cfg.num_proc, f"{fp[:16]}-{name}")
+        if len(tokenized) == 0 or "ids" not in tokenized.column_names:  # every document tokenized to nothing
+            raise CorpusError(
+                f"corpus: the {name} documents of {_describe(cfg)} ({len(docs)} non-blank) yield no tokens with the "
+                "teacher's tokenizer (control or zero-width characters only?); give it real text"
+            )
         packed = pack_split(tokenized, tokenizer, cfg.max_seq_len, tmp, name)
-        if name == "train" and len(packed.ids) == 0:
-            raise CorpusError(f"corpus: {_describe(cfg)} yields no tokens; give it real text")
         meta["documents"][name] = len(docs)
         meta["sequences"][name] = len(packed.ids)
         meta["tokens"][name] = int(packed.lengths.sum())

@@ -1,0 +1,446 @@
+"""Trust, round two (cache side): bytes bound to their place, the files that make the targets,
+manifests that cannot switch off their own checks, no name or symlink out of the cache, torn
+metadata with a way out, a writer that lost its lock, resume after disk full. Each fault has its
+exact outcome: exit code, the one-line message, and what is left on disk."""
+
+import copy
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from cache_format.reader import CacheReader
+from cache_format.verify import verify_cache
+from pipeline.cli import main
+from pipeline.errors import DistilcacheError
+from student_train.trainer import run_train
+from tests.conftest import assert_same_arrays
+from tests.test_faults import build, env, one_error, shard_file, train_cfg
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def raw(cache_cfg) -> dict:
+    out = copy.deepcopy(cache_cfg)
+    out["outputs"].update(hidden_dtype="float16")  # raw hidden: every shard file of a field has one size
+    return out
+
+
+@pytest.fixture
+def cache(raw) -> Path:
+    return build(raw)
+
+
+def snapshot(root: Path) -> dict:
+    """Every file under root with its bytes (what is left on disk)."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def invoke(*argv: str):
+    return CliRunner().invoke(main, list(argv))
+
+
+# ----------------------------------------------------------------------------- bytes bound to their place
+
+
+def test_two_swapped_shard_files_of_one_size_are_refused_before_training(cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    one, two = shard_file(cache, "train", 1, "hidden"), shard_file(cache, "train", 2, "hidden")
+    assert one.stat().st_size == two.stat().st_size
+    a, b = one.read_bytes(), two.read_bytes()
+    one.write_bytes(b)
+    two.write_bytes(a)
+    reader = CacheReader(cache)  # sizes and every chunk's own CRC still check out
+    with pytest.raises(DistilcacheError, match="train shard 00001: the hidden data is not the data committed there"):
+        reader.read_rows("train", 8, 16, ["hidden"])
+    with pytest.raises(DistilcacheError, match=r"train shard 0000[12]: the hidden data is not the data committed"):
+        run_train(train_cfg(cache, tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    problems = verify_cache(cache).problems
+    assert problems == [
+        "shard train-00001: hidden holds the bytes recorded for train shard 00002 (hidden) (swapped or copied: "
+        "data.zarr/train/hidden/c/1/0/0)",
+        "shard train-00002: hidden holds the bytes recorded for train shard 00001 (hidden) (swapped or copied: "
+        "data.zarr/train/hidden/c/2/0/0)",
+    ]
+
+
+def test_a_shard_copied_in_from_another_cache_of_the_same_shape_is_refused(cache, raw, tmp_path):
+    other = build(dict(raw, seed=57), output=str(tmp_path / "other"))
+    target = shard_file(cache, "train", 3, "hidden")
+    target.write_bytes(shard_file(other, "train", 3, "hidden").read_bytes())  # same size: raw float16
+    reader = CacheReader(cache)
+    with pytest.raises(DistilcacheError, match="train shard 00003: the hidden data is not the data committed there"):
+        reader.read_rows("train", 24, 32, ["hidden"])
+    assert verify_cache(cache).problems == [
+        f"shard train-00003: hidden corrupt (checksum mismatch in {target.relative_to(cache).as_posix()})"
+    ]
+
+
+def test_a_commit_record_copied_in_from_another_cache_is_not_a_commit(cache, raw, tmp_path):
+    other = build(dict(raw, seed=57), output=str(tmp_path / "other"))
+    record = cache / "commits" / "train-00004.json"
+    record.write_bytes((other / "commits" / "train-00004.json").read_bytes())
+    assert (
+        f"commits/train-00004.json belongs to another cache (fingerprint {CacheReader(other).settings.fingerprint[:12]}"
+        in (verify_cache(cache).problems[0])
+    )
+
+
+# ----------------------------------------------------------------------------- the files that make the targets
+
+
+def edit_head(cache: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = cache / "teacher" / "mlm_head.safetensors"
+    state = load_file(path)
+    bias = next(k for k in state if k.endswith("bias"))
+    state[bias] = state[bias] + 0.5  # a valid head, other targets
+    save_file(state, path)
+
+
+@pytest.mark.parametrize("edit", ["head", "tokenizer", "config", "added"])
+def test_an_edited_teacher_file_is_refused_on_first_use(cache, raw, tmp_path, monkeypatch, edit):
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    teacher = cache / "teacher"
+    if edit == "head":
+        edit_head(cache)
+        key = "teacher/mlm_head.safetensors differs from the manifest's record"
+    elif edit == "tokenizer":
+        (teacher / "tokenizer_config.json").write_text((teacher / "tokenizer_config.json").read_text() + " ")
+        key = "teacher/tokenizer_config.json differs from the manifest's record"
+    elif edit == "config":
+        doc = json.loads((teacher / "config.json").read_text())
+        doc["layer_norm_eps"] = 1e-3
+        (teacher / "config.json").write_text(json.dumps(doc))
+        key = "teacher/config.json differs from the manifest's record"
+    else:
+        (teacher / "special_tokens_map.json").write_text('{"mask_token": "[PAD]"}')
+        key = "teacher/special_tokens_map.json is not recorded in manifest.json"
+    assert key in one_error(invoke("inspect", str(cache)))
+    with pytest.raises(DistilcacheError, match=key.replace("'", ".")):
+        run_train(train_cfg(cache, tmp_path / "run"))
+    assert not (tmp_path / "run").exists(), "a refused run leaves no directory behind"
+    report = verify_cache(cache)
+    if edit == "added":  # a file cache-teacher did not write is never deleted: the user removes it
+        assert report.unrepairable == ["teacher/special_tokens_map.json"]
+        return
+    assert report.problems and not report.unrepairable
+    assert "repaired: removed manifest.json" in invoke("verify", "--repair", str(cache)).output
+    build(raw)  # the rerun writes the teacher files again, then the manifest
+    assert verify_cache(cache).problems == []
+
+
+def test_token_counts_are_checked_before_use(cache):
+    reader = CacheReader(cache)
+    assert int(reader.token_counts().sum()) > 0
+    path = cache / "data.zarr" / "token_counts" / "c" / "0"
+    path.write_bytes(path.read_bytes()[:-1] + b"\0")
+    with pytest.raises(DistilcacheError, match=r"data.zarr/token_counts/c/0 is missing or differs from the manifest"):
+        CacheReader(cache).token_counts()
+
+
+# ----------------------------------------------------------------------------- a manifest cannot switch off its checks
+
+
+def test_a_manifest_without_its_metadata_record_is_refused(cache):
+    manifest = json.loads((cache / "manifest.json").read_text())
+    del manifest["metadata"]
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    meta = cache / "data.zarr" / "train" / "labels" / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["data_type"] = "uint32"  # would read the labels as other values
+    meta.write_text(json.dumps(doc))
+    expected = "manifest.json lacks `metadata`, which the format requires (edited or truncated)"
+    assert expected in one_error(invoke("inspect", str(cache)))
+    result = invoke("verify", str(cache))
+    assert f"FAIL {expected}" in result.output and result.exit_code == 1
+
+
+def test_an_unrecorded_zarr_json_is_refused(cache):
+    manifest = json.loads((cache / "manifest.json").read_text())
+    del manifest["metadata"]["data.zarr/train/hidden/zarr.json"]
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DistilcacheError, match=r"data.zarr/train/hidden/zarr.json is not recorded in manifest.json"):
+        CacheReader(cache)
+    assert "data.zarr/train/hidden/zarr.json: not recorded in manifest.json" in verify_cache(cache).problems
+
+
+# ----------------------------------------------------------------------------- no path out of the cache
+
+
+def test_repair_never_deletes_outside_the_cache_whatever_a_record_names(cache, tmp_path):
+    outside = cache.parent / "x-00000.json"  # where commits/../../x-00000.json would land
+    outside.write_text("keep me")
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest["shards"][0]["split"] = "../../x"
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    result = invoke("verify", "--repair", str(cache))
+    assert result.exit_code == 0, result.output
+    assert (
+        "FAIL manifest.json: a shard record names the split '../../x', which the cache does not have" in result.output
+    )
+    assert "repaired: removed commits/eval-00000.json, manifest.json" in result.output
+    assert outside.read_text() == "keep me"
+
+
+def test_a_symlink_out_of_the_cache_is_refused(cache, raw, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    shard_dir = cache / "data.zarr" / "train" / "hidden" / "c" / "3"
+    shutil.copytree(shard_dir, elsewhere)
+    shutil.rmtree(shard_dir)
+    shard_dir.symlink_to(elsewhere, target_is_directory=True)
+    expected = f"data.zarr/train/hidden/c/3 is a symlink to {elsewhere}, outside the cache"
+    for argv in (["inspect", str(cache)], ["verify", str(cache)]):
+        assert expected in one_error(invoke(*argv))
+    (cache / "manifest.json").unlink()  # a resume would write through it: refused too
+    with pytest.raises(DistilcacheError, match=expected):
+        build(raw)
+    assert (elsewhere / "0" / "0").is_file(), "nothing outside the cache was touched"
+
+
+# ----------------------------------------------------------------------------- torn metadata has a way out
+
+
+def tear(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+
+
+def test_a_torn_commit_record_is_named_and_repaired(cache, raw, tmp_path):
+    reference = tmp_path / "reference"
+    shutil.copytree(cache, reference)
+    tear(cache / "commits" / "train-00002.json")
+    result = invoke("verify", str(cache))
+    assert result.exit_code == 1
+    assert "FAIL commits/train-00002.json is torn (not valid JSON)" in result.output
+    repaired = invoke("verify", "--repair", str(cache))
+    assert "repaired: removed commits/train-00002.json, manifest.json" in repaired.output
+    build(raw)
+    assert verify_cache(cache).problems == []
+    assert_same_arrays(cache, reference)
+
+
+def test_a_torn_manifest_is_rewritten_by_the_same_cache_teacher(cache, raw, tmp_path):
+    tear(cache / "manifest.json")
+    assert "FAIL manifest.json is torn (not valid JSON)" in invoke("verify", str(cache)).output
+    commits = snapshot(cache / "commits")
+    build(raw)  # no --overwrite, no repair: the same config rewrites it from the commit records
+    assert verify_cache(cache).problems == []
+    assert snapshot(cache / "commits") == commits, "no shard was recomputed"
+
+
+def test_a_torn_header_is_restored_by_repair_or_rebuilt_by_overwrite(cache, raw, tmp_path):
+    original = (cache / "cache.json").read_bytes()
+    tear(cache / "cache.json")
+    assert f"{cache}/cache.json is damaged (" in one_error(invoke("inspect", str(cache)))
+    result = invoke("verify", str(cache))
+    assert "FAIL cache.json is torn (not valid JSON); `--repair` restores it from manifest.json" in result.output
+    repaired = invoke("verify", "--repair", str(cache))
+    assert "repaired: restored cache.json from manifest.json" in repaired.output
+    assert (cache / "cache.json").read_bytes() == original
+    assert verify_cache(cache).problems == []
+    tear(cache / "cache.json")
+    other = dict(raw, seed=58)
+    with pytest.raises(DistilcacheError, match=r"cache.json is torn .* pass --overwrite to rebuild the cache"):
+        build(other)
+    from pipeline.config import from_dict
+    from teacher_cache.config import CacheConfig
+    from teacher_cache.run import run_cache
+
+    run_cache(from_dict(CacheConfig, copy.deepcopy(other)), overwrite=True)
+    assert verify_cache(cache).problems == [] and CacheReader(cache).settings.seed == 58
+
+
+# ----------------------------------------------------------------------------- a writer that lost its lock
+
+
+def test_a_writer_paused_past_its_lock_expiry_stops_and_writes_nothing_more(raw, tmp_path):
+    """Capture A is stopped (SIGSTOP) past its lease; capture B takes the cache with --overwrite and
+    a new seed and finishes; when A resumes it exits 1 naming the lost lock, and B's cache is intact."""
+    out = tmp_path / "cache"
+    a = dict(raw, store=dict(raw["store"], output=str(out)))
+    b = dict(a, seed=91)
+    reference = build(b, output=str(tmp_path / "reference"))
+    config = tmp_path / "a.yaml"
+    config.write_text(yaml.safe_dump({"cache": a}))
+    slow = (  # every shard write waits 0.3 s first: A is still capturing when it is stopped
+        "import time, cache_format.store as s; w = s.CacheStore.write_shard\n"
+        "s.CacheStore.write_shard = lambda self, *a, **k: (time.sleep(0.3), w(self, *a, **k))[1]\n"
+        "from pipeline.cli import main; main()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", slow, "cache-teacher", "--config", str(config)],
+        env={**env(), "DISTILCACHE_LEASE_TTL_S": "2"},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    while not list((out / "commits").glob("*.json")) and proc.poll() is None:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGSTOP)
+    time.sleep(2.5)  # past A's 2 s lease
+    from pipeline.config import from_dict
+    from teacher_cache.config import CacheConfig
+    from teacher_cache.run import run_cache
+
+    run_cache(from_dict(CacheConfig, copy.deepcopy(b)), overwrite=True)
+    before = snapshot(out)
+    os.kill(proc.pid, signal.SIGCONT)
+    assert proc.wait(timeout=300) == 1
+    lines = [x for x in proc.stderr.read().splitlines() if x.strip()]
+    assert lines[-1].startswith(f"error: {out}: this capture lost its locks/writer.json (held now by nobody: the")
+    assert "stopped without writing anything more" in lines[-1]
+    assert snapshot(out) == before, "A wrote nothing after it woke up"
+    assert verify_cache(out).problems == []
+    assert_same_arrays(out, reference)
+
+
+# ----------------------------------------------------------------------------- resume after disk full
+
+
+def fail_at_shard(monkeypatch, n: int) -> None:
+    import errno
+
+    from cache_format.store import CacheStore
+
+    original, calls = CacheStore.write_shard, {"n": 0}
+
+    def failing(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(CacheStore, "write_shard", failing)
+
+
+def pending_bytes(cache: Path) -> int:
+    """Raw bytes of the shards left to capture (what the free-space check asks for them)."""
+    from cache_format.storage import LocalStorage
+    from cache_format.store import CacheStore
+
+    store = CacheStore(LocalStorage(cache))
+    row, layouts = sum(f.row_bytes for f in store.fields()), store.layouts()
+    return sum(row * (layouts[s].shard_range(i)[1] - layouts[s].shard_range(i)[0]) for s, i in store.pending())
+
+
+def test_resume_after_disk_full_checks_space_for_everything_before_writing(raw, monkeypatch, tmp_path):
+    import shutil as sh
+    from collections import namedtuple
+
+    from pipeline.errors import CacheError
+
+    fail_at_shard(monkeypatch, 4)
+    with pytest.raises(CacheError, match="disk full while writing train shard 00003"):
+        build(raw)
+    monkeypatch.undo()
+    cache = Path(raw["store"]["output"])
+    need = pending_bytes(cache)
+    usage = namedtuple("usage", "total used free")
+    before = snapshot(cache)
+    monkeypatch.setattr(sh, "disk_usage", lambda p: usage(10**9, 10**9 - need + 1, need - 1))
+    with pytest.raises(CacheError, match=r"the rest of the cache needs up to .* but only .* is free"):
+        build(raw)
+    assert snapshot(cache) == before, "nothing was written before the check"
+    head = cache / "teacher" / "mlm_head.safetensors"
+    mtime = head.stat().st_mtime_ns
+    monkeypatch.setattr(sh, "disk_usage", lambda p: usage(10**9, 10**9 - need, need))  # exactly the shards
+    build(raw)
+    assert head.stat().st_mtime_ns == mtime, "the intact head was not written again"
+    assert verify_cache(cache).problems == []
+
+
+# ----------------------------------------------------------------------------- tracebacks become one line
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_one_line(assets, raw, tmp_path):
+    from transformers import AutoTokenizer, BertForMaskedLM
+
+    from tests.conftest import tiny_bert_config
+
+    path = tmp_path / "narrow-teacher"
+    BertForMaskedLM(tiny_bert_config(200)).save_pretrained(path)
+    AutoTokenizer.from_pretrained(assets.teacher).save_pretrained(path)  # 300 tokens
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"cache": dict(raw, teacher=dict(raw["teacher"], name=str(path)))}))
+    line = one_error(invoke("cache-teacher", "--config", str(config)))
+    assert line == (
+        "error: teacher.name: its tokenizer has 300 tokens but the model's vocabulary 200: ids from 200 up have no "
+        "embedding; use the tokenizer the model was trained with, or resize its embeddings and save it again"
+    )
+
+
+def test_a_corpus_without_a_token_is_one_line_and_leaves_nothing(raw, tmp_path):
+    text = tmp_path / "zero-width.txt"
+    text.write_text("\u200b\u200b\n\n\u200b \u200b\n", encoding="utf-8")
+    cfg = dict(raw, corpus=dict(raw["corpus"], paths=[str(text)], eval_fraction=0.0))
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"cache": cfg}))
+    line = one_error(invoke("cache-teacher", "--config", str(config)))
+    assert line == (
+        f"error: corpus: the train documents of {text} (2 non-blank) yield no tokens with the teacher's tokenizer "
+        "(control or zero-width characters only?); give it real text"
+    )
+    assert not list((Path(raw["store"]["cache_dir"]) / "corpus").glob("*.tmp-*"))
+    assert not Path(raw["store"]["output"]).exists()
+
+
+def test_a_damaged_teacher_weight_file_is_one_line(assets, raw, tmp_path):
+    path = tmp_path / "damaged-teacher"
+    shutil.copytree(assets.teacher, path)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"cache": dict(raw, teacher=dict(raw["teacher"], name=str(path)))}))
+    line = one_error(invoke("cache-teacher", "--config", str(config)))
+    assert line.startswith(f"error: teacher.name: cannot load '{path}' (Error while deserializing header")
+    assert line.endswith("or, if its weight files are damaged, download or save them again")
+
+
+def test_an_object_store_without_credentials_fails_at_once(monkeypatch, tmp_path):
+    for key in list(os.environ):
+        if key.startswith(("AWS_", "GOOGLE_", "AZURE_", "DISTILCACHE_INSTANCE")):
+            monkeypatch.delenv(key)
+    started = time.perf_counter()
+    for url in ("s3://dc-bucket/cache", "gs://dc-bucket/cache", "az://dc-container/cache"):
+        line = one_error(invoke("verify", url))
+        assert line.startswith(f"error: {url}: no credentials for this object store; set ")
+        assert line.endswith("storage_options `instance_credentials: true` or DISTILCACHE_INSTANCE_CREDENTIALS=1")
+    assert time.perf_counter() - started < 5, "no retries to a metadata address"
+
+
+@pytest.mark.parametrize("through", ["direct", "local cache"])
+def test_an_s3_object_deleted_while_a_run_reads_it_is_one_line(s3, raw, tmp_path, through):
+    """Deleted after the run opened the cache: the DataLoader worker that reads it hands back the
+    one-line error naming the shard, not a worker traceback, and no numbers."""
+    from cache_format.storage import open_storage
+    from student_train.data import CacheBatches, FieldSelection
+
+    url = s3.bucket(f"dc-deleted-{through.replace(' ', '-')}") + "/cache"
+    build(raw, output=url)
+    cfg = train_cfg(url, tmp_path / "run")
+    cfg.data.num_workers, cfg.data.mix_blocks = 1, 100  # one group holds every block
+    cfg.data.local_cache_gb = 0 if through == "direct" else 1
+    cfg.data.local_cache_dir = str(tmp_path / "mirror")
+    from student_train.config import reader_options
+
+    reader = CacheReader(url, **reader_options(cfg.data))  # opened: every object is there
+    record = next(r for r in reader.manifest["shards"] if (r["split"], r["shard"]) == ("train", 1))
+    key = record["files"]["hidden"]["path"]
+    open_storage(url).delete(key)
+    fields = FieldSelection(("hidden",))
+    batches = CacheBatches(reader, cfg.data, fields, cfg.seed, streams=1, rank=0, world=1)
+    expected = f"{url}: train shard 00001: the hidden file is missing ({key}; deleted while being read?)"
+    with pytest.raises(DistilcacheError) as caught:
+        next(iter(batches))
+    assert str(caught.value).startswith(expected), caught.value
+    assert "DataLoader" not in str(caught.value) and "Traceback" not in str(caught.value)
