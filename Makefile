@@ -7,7 +7,7 @@ PIP := $(BIN)/python -m pip
 CONSTRAINTS := -c constraints-cpu.txt
 QUICKSTART := configs/quickstart.yaml
 
-.PHONY: setup test test-fast demo downstream table4 bench lint format docs clean
+.PHONY: setup test test-fast demo downstream table4 bench lint format docs docs-check clean
 
 setup: $(VENV)/.installed
 
@@ -42,14 +42,14 @@ demo: setup  ## offline quickstart, end to end
 	$(BIN)/pipeline finetune --config $(QUICKSTART) \
 		--model teacher=runs/quickstart/teacher --model student=runs/quickstart/student/final
 
-downstream: setup  ## the README's Downstream table on ../shared/ data (~1 h on 2 CPU cores)
+downstream: setup  ## docs/results/downstream.md's table on ../shared/ data (~1 h on 2 CPU cores)
 	$(BIN)/pipeline cache-teacher --config configs/downstream-shared.yaml
 	$(BIN)/pipeline train-student --config configs/downstream-shared.yaml --overwrite
 	$(BIN)/pipeline finetune --config configs/downstream-shared.yaml \
 		--model teacher=../shared/teachers/minilm-l6-mlm --model student=runs/downstream/student/final \
 		--model random=random:runs/downstream/student/final
 
-table4: setup  ## DistilBERT's Table 4 on ../shared/ data, 2 seeds, downstream (README, "Ablations"; ~45 min)
+table4: setup  ## DistilBERT's Table 4 on ../shared/ data, 2 seeds, downstream (docs/results/ablations.md; ~45 min)
 	$(BIN)/pipeline cache-teacher --config configs/table4-shared.yaml
 	$(BIN)/pipeline ablate --grid configs/ablations/distilbert-table4.yaml --config configs/table4-shared.yaml \
 		--output runs/table4/ablation --seeds 2 --finetune configs/tasks/movie-snippets.yaml
@@ -58,16 +58,20 @@ bench: setup  ## measured ratios (needs ../shared/)
 	$(BIN)/python benchmarks/bench_cache.py --json runs/bench_cache.json
 	$(BIN)/python benchmarks/bench_train.py --json runs/bench_train.json
 
-lint: setup
+lint: setup  ## ruff and the import-layering contracts (pyproject.toml)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-docs: setup  ## regenerate the config reference tables in README.md
-	$(BIN)/python -m pipeline.docs README.md
+docs: setup  ## regenerate docs/configuration.md from the config dataclasses
+	$(BIN)/python -m pipeline.docs
+
+docs-check: setup  ## build the docs site; a broken link or a missing page fails
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache site

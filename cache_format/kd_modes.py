@@ -95,7 +95,7 @@ class KDMode:
     check: Callable[[CacheSettings, Run, str], list[str]]
     faithful: bool
     """Trains the online student (exact or unbiased); the others are biased where the top-k
-    hold little of the teacher's mass (README, "Fidelity")."""
+    hold little of the teacher's mass (docs/results/fidelity.md)."""
 
     def problems(self, settings: CacheSettings, run: Run) -> list[str]:
         return self.check(settings, run, self.name)

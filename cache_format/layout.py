@@ -59,7 +59,7 @@ def field_specs(
     logits: str = "topk",
     n_samples: int = 0,
 ) -> list[FieldSpec]:
-    """The public schema of a split (see README, "Cache format")."""
+    """The public schema of a split (see docs/cache-format.md)."""
     index_dtype = "uint16" if ids_dtype == "uint16" else "int32"
     fields = [
         FieldSpec("input_ids", (length,), ids_dtype, "ids"),

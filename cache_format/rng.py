@@ -18,6 +18,8 @@ STREAM_BLOCKS, STREAM_ROWS = 6, 7
 """Training streams: the order of blocks in an epoch, the order of rows in a group of blocks."""
 STREAM_SAMPLES = 8
 """Sampled teacher logits: the uniforms behind each position's draws."""
+STREAM_TASK = 9
+"""Downstream tasks: the seeded hold-out, subsets and example order of `pipeline finetune`."""
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:

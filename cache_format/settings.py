@@ -60,7 +60,7 @@ class OutputsConfig:
     """Storage dtype of the top-k logit values."""
     hidden_dtype: Literal["float16", "int8", "float32"] = "int8"
     """Storage of last hidden states: int8 with a per-token float16 scale (half the bytes of float16; the
-    teacher's logits rebuilt from them move by a KL of ~2e-5, README "Fidelity"), float16, or float32."""
+    teacher's logits rebuilt from them move by a KL of ~2e-5, docs/results/fidelity.md), float16, or float32."""
     logits: Literal["none", "topk", "sampled", "both"] = "none"
     """Sparse teacher logits besides the hidden states: `none` (stage two's `exact` KD rebuilds the full
     logits from the hidden states through the cached head: no extra bytes), top-k with the log-sum-exp

@@ -48,7 +48,7 @@ HEADER, MANIFEST, DATA, TEACHER_DIR, COMMITS, LOCKS = (
 )
 
 _BLOSC: dict[str, BloscCodec | None] = {
-    # chosen by benchmarks/bench_codecs.py on real teacher outputs (README, "Cache format"):
+    # chosen by benchmarks/bench_codecs.py on real teacher outputs (docs/cache-format.md):
     # zstd-3 where arrays are small and compress well, zstd-1 on the large top-k fields (ratio
     # within 4 % of zstd-3 at 2-4x the encode speed), nothing on hidden states (1.07x at a
     # third of the read speed) and on the one-byte view ids (Blosc headers outweigh them).
@@ -123,6 +123,17 @@ def record_problem(
         if not valid or not isinstance(crcs, str) or len(crcs) != 8 * chunks_in(lay, shard):
             return f"lacks the size, sha256 or chunk CRCs of its {f.name} file"
     return None
+
+
+def json_or_torn(storage: Storage, key: str) -> tuple[dict | None, bool]:
+    """(parsed JSON, torn): (None, False) when the file is absent, (None, True) when it does not
+    parse (a torn or damaged metadata file, which the caller names or mends)."""
+    if not storage.exists(key):
+        return None, False
+    try:
+        return json.loads(storage.read_bytes(key)), False
+    except (ValueError, UnicodeDecodeError):
+        return None, True
 
 
 def read_json(storage: Storage, key: str) -> dict:

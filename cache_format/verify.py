@@ -34,6 +34,7 @@ from cache_format.store import (
     CacheStore,
     chunk_layout,
     chunks_in,
+    json_or_torn,
     record_problem,
 )
 from pipeline.errors import CacheError
@@ -57,16 +58,6 @@ class Report:
     def shard(self, split: str, shard: int, what: str) -> None:
         self.problems.append(f"shard {split}-{shard:05d}: {what}")
         self.damaged_shards.add((split, shard))
-
-
-def _load(storage: Storage, key: str) -> tuple[dict | None, bool]:
-    """(parsed JSON or None, torn): None without torn when the file is absent."""
-    if not storage.exists(key):
-        return None, False
-    try:
-        return json.loads(storage.read_bytes(key)), False
-    except (ValueError, UnicodeDecodeError):
-        return None, True
 
 
 def _file_problem(
@@ -105,14 +96,14 @@ def verify_cache(location: str | Path, storage_options: dict | None = None) -> R
             f"{storage.url} is not a distilcache cache (no {HEADER}); build one with `pipeline cache-teacher`"
         )
     report = Report()
-    manifest, torn = _load(storage, MANIFEST)
+    manifest, torn = json_or_torn(storage, MANIFEST)
     if torn:
         report.torn_manifest = True
         report.problems.append(
             f"{MANIFEST} is torn (not valid JSON); `--repair` removes it and rerunning the same "
             "cache-teacher rewrites it"
         )
-    header, header_torn = _load(storage, HEADER)
+    header, header_torn = json_or_torn(storage, HEADER)
     if header_torn:
         if not _header_from_manifest(manifest, report):
             report.problems.append(f"{HEADER} is torn (not valid JSON) and no intact copy is recorded")

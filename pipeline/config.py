@@ -24,7 +24,7 @@ from pipeline.errors import ConfigError
 
 T = TypeVar("T")
 
-SECTIONS = ("adapt", "cache", "train", "finetune")
+SECTIONS = ("adapt", "cache", "train", "evaluate", "finetune")
 """Top-level sections a config file may hold, one per stage command."""
 
 
@@ -302,7 +302,7 @@ def reference_rows(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
 
 
 def reference_markdown(cls: type, section: str) -> str:
-    """A markdown table documenting every key of a stage config (kept in README by a test)."""
+    """A markdown table documenting every key of a stage config (docs/configuration.md, kept current by a test)."""
     lines = [f"`{section}:` section", "", "| key | default | meaning |", "| --- | --- | --- |"]
     for key, default, doc in reference_rows(cls):
         lines.append(f"| `{key}` | `{default}` | {doc} |")

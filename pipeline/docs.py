@@ -1,38 +1,45 @@
-"""Regenerate the config reference tables in README.md (`make docs`).
-
-Each stage's table sits between `<!-- config:SECTION -->` and `<!-- /config:SECTION -->`; a test
-fails when a table no longer matches the dataclasses.
-"""
+"""Write docs/configuration.md from the config dataclasses' field docstrings (`make docs`); a test
+fails when the page no longer matches them."""
 
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
 
 from pipeline.config import reference_markdown
-from student_train.config import TrainConfig
-from student_train.finetune_config import FinetuneConfig
+from student_train.config import EvaluateConfig, TrainConfig
+from student_train.downstream.config import FinetuneConfig
 from teacher_cache.config import AdaptConfig, CacheConfig
 
-STAGE_CONFIGS = {"adapt": AdaptConfig, "cache": CacheConfig, "train": TrainConfig, "finetune": FinetuneConfig}
+STAGE_CONFIGS = {
+    "adapt": AdaptConfig,
+    "cache": CacheConfig,
+    "train": TrainConfig,
+    "evaluate": EvaluateConfig,
+    "finetune": FinetuneConfig,
+}
+PAGE = Path("docs/configuration.md")
+INTRO = """# Configuration reference
+
+Every stage command reads its own section of a YAML file (`--config FILE`); values resolve as
+dataclass defaults < the YAML section < repeatable `--set key=value` (typed: `--set outputs.k=32`,
+`--set outputs.temperatures=[1,2,4]`). Unknown keys, wrong types and duplicate keys are errors,
+reported all at once. The resolved config is printed at start (`--print-config` prints it and
+exits) and recorded with every artifact: the cache's header and manifest, a run's `config.yaml`
+and checkpoints. `pipeline ablate` grids are the `train` section's keys, dotted.
+
+This page is generated from the config dataclasses: `make docs` rewrites it, and a test fails when
+it is stale.
+"""
 
 
-def render(readme: str) -> str:
-    for section, cls in STAGE_CONFIGS.items():
-        pattern = re.compile(rf"(<!-- config:{section} -->\n).*?(<!-- /config:{section} -->)", re.S)
-        if not pattern.search(readme):
-            raise SystemExit(f"README has no <!-- config:{section} --> block")
-        readme = pattern.sub(
-            lambda m, c=cls, s=section: m.group(1) + reference_markdown(c, s) + "\n" + m.group(2),
-            readme,
-        )
-    return readme
+def render() -> str:
+    tables = [reference_markdown(cls, section) for section, cls in STAGE_CONFIGS.items()]
+    return INTRO + "\n" + "\n\n".join(f"## `{s}`\n\n{t}" for s, t in zip(STAGE_CONFIGS, tables, strict=True)) + "\n"
 
 
-def main(path: str = "README.md") -> None:
-    p = Path(path)
-    p.write_text(render(p.read_text()))
+def main(path: str = str(PAGE)) -> None:
+    Path(path).write_text(render(), encoding="utf-8")
 
 
 if __name__ == "__main__":

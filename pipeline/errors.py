@@ -13,6 +13,14 @@ class CacheError(DistilcacheError):
     """The cache is missing, incomplete, corrupt or belongs to another config."""
 
 
+class CorpusError(DistilcacheError):
+    """The corpus (or a task's files) cannot be read or yields no text."""
+
+
+class TeacherError(DistilcacheError):
+    """The teacher cannot be loaded or used as configured."""
+
+
 def first_line(exc: BaseException, limit: int = 200) -> str:
     """An exception's first line (or its type when it has no message), for one-line errors."""
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]

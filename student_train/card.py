@@ -17,10 +17,10 @@ import yaml
 
 from cache_format.hashing import tokenizer_sha256
 from cache_format.settings import CacheSettings
+from student_train.metrics import MASKED_METRICS
 
 LINEAGE = "distill.json"
 CARD = "README.md"
-MASKED_METRICS = ("masked_accuracy", "perplexity", "teacher_top1_agreement", "kl_teacher_student", "hidden_cosine")
 
 
 def lineage_problem(model_dir: str | Path, settings: CacheSettings) -> str | None:

@@ -15,7 +15,6 @@ matched the hash recorded when this tool wrote it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import pickle
@@ -27,8 +26,9 @@ import numpy as np
 import torch
 
 from cache_format.atomic import write_json_atomic, write_text_atomic
+from cache_format.hashing import file_sha256
 from pipeline.config import flatten
-from pipeline.errors import DistilcacheError
+from pipeline.errors import DistilcacheError, first_line
 
 log = logging.getLogger(__name__)
 COMPLETE = "complete.json"
@@ -89,7 +89,7 @@ def save(engine, directory: Path, step: int, client: dict, rank: int, world: int
     engine.save_checkpoint(str(directory), tag=tag, client_state=client, save_latest=False)
     torch_dist.barrier()
     if rank == 0:
-        files = {p.relative_to(path).as_posix(): _sha256(p) for p in sorted(path.rglob("*")) if p.is_file()}
+        files = {p.relative_to(path).as_posix(): file_sha256(p) for p in sorted(path.rglob("*")) if p.is_file()}
         write_json_atomic(path / COMPLETE, {"step": step, "world_size": world, **client, "files": files})
         write_text_atomic(directory / "latest", tag)
         complete = [p for p in sorted(directory.glob("step-*")) if (p / COMPLETE).is_file()]
@@ -123,14 +123,6 @@ def resume_diff(saved: dict, current: dict, same_cache: bool = False) -> list[st
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def check_files(path: Path, record: dict) -> None:
     """Refuse a checkpoint holding a file this tool did not write, or one changed since."""
     recorded = record.get("files")
@@ -143,7 +135,7 @@ def check_files(path: Path, record: dict) -> None:
     for name in sorted(present - set(recorded)):
         raise DistilcacheError(f"--resume: {path / name} was not written with this checkpoint; refusing to load it")
     for name, digest in sorted(recorded.items()):
-        if not (path / name).is_file() or _sha256(path / name) != digest:
+        if not (path / name).is_file() or file_sha256(path / name) != digest:
             raise DistilcacheError(
                 f"--resume: {path / name} differs from the hash recorded when it was saved (or is missing); "
                 "refusing to load it (unpickling can run code): resume from another checkpoint or start over"
@@ -187,7 +179,7 @@ def load_rng(path: Path, rank: int) -> None:
         state = torch.load(rng, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, ValueError) as exc:
         raise DistilcacheError(
-            f"--resume: {rng} is not a plain RNG state (refused to unpickle it: {str(exc).splitlines()[0][:120]}); "
+            f"--resume: {rng} is not a plain RNG state (refused to unpickle it: {first_line(exc, 120)}); "
             "resume only from checkpoints this tool wrote"
         ) from None
     set_rng_state(state)

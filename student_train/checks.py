@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
 
 from cache_format.encode import decode_values
+from cache_format.family import hidden_size
 from cache_format.hashing import tokenizer_sha256
 from cache_format.kd_modes import KD_MODES, Run, kd_advice, topk_mass
 from cache_format.layout import valid_positions
 from cache_format.reader import CacheReader
 from cache_format.settings import IGNORE_INDEX
-from cache_format.store import CacheError
+from pipeline.errors import CacheError
 from student_train.config import TrainConfig, reader_options
-from student_train.model import hidden_size, student_config
+from student_train.model import student_config
 
 
 def check_cache(reader: CacheReader, cfg: TrainConfig, student_config, tokenizer_hash: str, online: bool) -> list[str]:
@@ -47,12 +50,22 @@ def check_cache(reader: CacheReader, cfg: TrainConfig, student_config, tokenizer
     return problems
 
 
-def preflight(cfg: TrainConfig, online: bool = False) -> list[str]:
+def open_cache(cfg: TrainConfig, opened: dict[tuple, CacheReader]) -> CacheReader:
+    """The run's cache, opened with its reader options once per command (`opened` keeps them by
+    location and options)."""
+    options = reader_options(cfg.data)
+    key = (cfg.cache, json.dumps(options, sort_keys=True, default=str))
+    if key not in opened:
+        opened[key] = CacheReader(cfg.cache, **options)
+    return opened[key]
+
+
+def preflight(cfg: TrainConfig, online: bool = False, opened: dict | None = None) -> list[str]:
     """The problems `train-student` would refuse `cfg` for, without starting it (for sweeps)."""
     from transformers import AutoConfig, AutoTokenizer
 
     try:
-        reader = CacheReader(cfg.cache, **reader_options(cfg.data))
+        reader = open_cache(cfg, {} if opened is None else opened)
     except CacheError as exc:
         return [str(exc)]
     teacher_dir = reader.teacher_dir()

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from cache_format.kd_modes import KD_MODES
+from cache_format.settings import DEFAULT_CACHE_DIR
+
 
 @dataclass
 class StudentConfig:
@@ -43,15 +46,15 @@ class StudentConfig:
 class LossConfig:
     """The triple loss: alpha_ce * KD + alpha_mlm * MLM + alpha_cos * cosine."""
 
-    kd_mode: Literal["exact", "sampled", "topk_tail", "topk_renorm", "topk_sampled"] = "exact"
+    kd_mode: str = "exact"
     """`exact`: full-vocabulary teacher logits rebuilt from cached hidden states through the cached MLM
-    head (any temperature; trains the online student, README "Fidelity"); `sampled`: RS-KD's unbiased
+    head (any temperature; trains the online student, docs/results/fidelity.md); `sampled`: RS-KD's unbiased
     estimator from the cached teacher samples (outputs.logits: sampled or both); `topk_tail`: exact KL
     over the k cached tokens plus one tail bucket; `topk_renorm`: teacher renormalised over its top-k;
     `topk_sampled`: exact top-k terms plus the tail estimated from the cached samples outside the
     top-k (unbiased; needs outputs.logits: both).
-    `topk_tail` and `topk_renorm` are biased where the top-k hold little mass at T (measured in the
-    README)."""
+    `topk_tail` and `topk_renorm` are biased where the top-k hold little mass at T (measured in
+    docs/results/fidelity.md)."""
     temperature: float = 2.0
     """KD temperature (topk modes need it among the cache's temperatures; `sampled` needs the
     cache's outputs.sample_temperature)."""
@@ -73,10 +76,12 @@ class LossConfig:
     exact_head_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Dtype of the teacher-head GEMM in `exact` mode: auto = bfloat16 where the hardware multiplies it
     natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else float32. bf16 moves the teacher's
-    distribution by a KL of ~1e-5 nats (README, "Fidelity")."""
+    distribution by a KL of ~1e-5 nats (docs/results/fidelity.md)."""
 
     def check(self) -> list[str]:
         problems = []
+        if self.kd_mode not in KD_MODES:  # the names come from the one table of KD modes
+            problems.append(f"kd_mode: {self.kd_mode!r} is not one of {', '.join(repr(m) for m in KD_MODES)}")
         if self.temperature <= 0:
             problems.append(f"temperature: {self.temperature} must be positive")
         if self.topk is not None and self.topk < 1:
@@ -214,7 +219,40 @@ class TrainConfig:
 
 def reader_options(data: DataConfig) -> dict:
     """CacheReader keyword arguments for a run's cache: object-store options and the local disk cache."""
-    from cache_format.settings import DEFAULT_CACHE_DIR
-
     directory = data.local_cache_dir or f"{DEFAULT_CACHE_DIR}/mirror"
     return {"storage_options": data.storage_options or None, "local_cache": (directory, data.local_cache_gb)}
+
+
+@dataclass
+class EvaluateConfig:
+    """`pipeline evaluate`: held-out metrics of an exported student beside the teacher's, and both
+    models' size and speed on identical batches."""
+
+    model: str = ""
+    """An exported student (a save_pretrained directory, e.g. runs/student/final); also `--model`."""
+    cache: str = ""
+    """The teacher cache to evaluate against (a path or an object-store URL); also `--cache`."""
+    split: str = "eval"
+    """Cache split whose first rows are evaluated."""
+    sequences: int = 512
+    """Sequences evaluated (the split's first rows, in the cache's seeded order)."""
+    batch_size: int = 32
+    """Sequences per forward."""
+    output_json: str | None = None
+    """Also write the results to this JSON file; also `--json`."""
+    teacher: str | None = None
+    """Teacher to measure size and speed against (null: the cache's, when it is a local directory)."""
+    speed: bool = True
+    """Measure size and speed beside the teacher."""
+    speed_only: bool = False
+    """Only size and speed, no metrics."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """Object-store options for a remote `cache` (as `train.data.storage_options`)."""
+
+    def check(self) -> list[str]:
+        problems = []
+        if not self.model:
+            problems.append("model: required; --model DIR (an exported student)")
+        if not self.cache:
+            problems.append("cache: required; --cache PATH (the teacher cache to evaluate against)")
+        return problems

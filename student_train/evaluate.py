@@ -25,13 +25,17 @@ import torch.nn.functional as F
 from cache_format.encode import decode_hidden, teacher_top1
 from cache_format.layout import valid_positions
 from cache_format.reader import CacheReader
+from cache_format.settings import IGNORE_INDEX
 from pipeline.errors import DistilcacheError
 from student_train.card import LINEAGE, lineage_problem
-from student_train.losses import IGNORE_INDEX, cosine_loss, kd_full
+from student_train.config import EvaluateConfig
+from student_train.losses import cosine_loss, kd_full
+from student_train.metrics import MASKED_METRICS
+from student_train.speed import mlm_speed
 
 log = logging.getLogger(__name__)
 Forward = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
-METRICS = ("masked_accuracy", "perplexity", "teacher_top1_agreement", "kl_teacher_student", "hidden_cosine")
+METRICS = tuple(MASKED_METRICS)
 """Headline metrics: accuracy, perplexity, agreement and KL at masked positions; cosine at non-pad ones."""
 ALL_POSITION_METRICS = ("teacher_top1_agreement_all", "kl_teacher_student_all")
 """Agreement and KL over every non-pad position (unmasked ones included), reported apart."""
@@ -209,38 +213,34 @@ def load_student(model_dir: str | Path, device: torch.device, reader: CacheReade
     return forward
 
 
-def run_evaluate(
-    model_dir: str,
-    cache: str,
-    split: str,
-    sequences: int,
-    batch_size: int,
-    json_path: str | None = None,
-    speed_with: str | None = None,
-    metrics: bool = True,
-) -> dict:
-    """Held-out metrics of the model (unless not `metrics`), and, with `speed_with` (the teacher's
-    directory or name), size and speed of both on identical batches of the split's sequences."""
-    from student_train.speed import mlm_speed
-
-    if batch_size < 1:
-        raise DistilcacheError(f"--batch-size {batch_size}; give at least 1")
-    reader = CacheReader(cache, lease=True)
+def run_evaluate(cfg: EvaluateConfig) -> dict:
+    """Held-out metrics of the model (unless `speed_only`), and size and speed of it and the teacher
+    (`teacher`, else the cache's when it is at hand) on identical batches of the split's sequences.
+    The cache is opened once."""
+    if cfg.batch_size < 1:
+        raise DistilcacheError(f"--batch-size {cfg.batch_size}; give at least 1")
+    reader = CacheReader(cfg.cache, lease=True, storage_options=cfg.storage_options or None)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result: dict = {}
     try:
-        rows = load_rows(reader, split, sequences)
-        forward = load_student(model_dir, device, reader)
-        if metrics:
+        against = None
+        if cfg.speed or cfg.speed_only:
+            against = cfg.teacher or reader.settings.teacher.name
+            if cfg.teacher is None and not Path(against).expanduser().is_dir():
+                log.warning("(speed: the cache's teacher %r is not at hand; pass --teacher to compare)", against)
+                against = None
+        rows = load_rows(reader, cfg.split, cfg.sequences)
+        forward = load_student(cfg.model, device, reader)
+        if not cfg.speed_only:
             head = reader.head(device)
-            result = evaluate(forward, rows, head, reader.settings.outputs.logit_positions, batch_size, device)
-        if speed_with:
+            result = evaluate(forward, rows, head, reader.settings.outputs.logit_positions, cfg.batch_size, device)
+        if against:
             result["speed"] = mlm_speed(
-                {"teacher": speed_with, "student": str(model_dir)}, rows["input_ids"], rows["lengths"], [1, 64]
+                {"teacher": against, "student": str(cfg.model)}, rows["input_ids"], rows["lengths"], [1, 64]
             )
     finally:
         reader.close()
-    result.update({"model": str(model_dir), "cache": str(cache), "split": split})
-    if json_path:
-        Path(json_path).write_text(json.dumps(result, indent=2))
+    result.update({"model": str(cfg.model), "cache": str(cfg.cache), "split": cfg.split})
+    if cfg.output_json:
+        Path(cfg.output_json).write_text(json.dumps(result, indent=2))
     return result

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from cache_format.settings import IGNORE_INDEX
 
 
 def kd_full(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -52,7 +52,7 @@ def kd_exact(
     Each chunk's teacher logits live only inside the forward pass: the (n, V) tensor kept for
     backward is the gradient direction q - p, written over the student's own softmax pass (no
     teacher log-probabilities, no autograd copies). `head_dtype` is the dtype the head's GEMM
-    runs in (bfloat16 on GPU: logits to ~3 significant digits, measured in the README).
+    runs in (bfloat16 on GPU: logits to ~3 significant digits, measured in docs/results/fidelity.md).
     """
     return _ExactKL.apply(student_logits, teacher_hidden, head, temperature, chunk_tokens, head_dtype)
 

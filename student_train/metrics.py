@@ -5,14 +5,44 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cache_format.atomic import write_text_atomic
 from pipeline.log import human_time
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MaskedMetric:
+    """A held-out metric of `evaluate`: its name, its label in tables, which way is better, and
+    how to compute it from the per-masked-token values the final evaluation saves (for paired
+    bootstraps; None when it is not a mean over masked tokens)."""
+
+    name: str
+    label: str
+    higher_is_better: bool
+    from_tokens: Callable[[dict[str, np.ndarray], np.ndarray], float] | None
+
+
+MASKED_METRICS = {
+    m.name: m
+    for m in (
+        MaskedMetric("masked_accuracy", "masked acc", True, lambda t, i: float(t["hit"][i].mean())),
+        MaskedMetric("perplexity", "perplexity", False, lambda t, i: float(np.exp(t["nll"][i].mean()))),
+        MaskedMetric("teacher_top1_agreement", "top-1 agree", True, lambda t, i: float(t["agree"][i].mean())),
+        # no ASCII pipes in a label: they would split a Markdown table cell
+        MaskedMetric("kl_teacher_student", "KL(t‖s)", False, lambda t, i: float(t["kl"][i].mean())),
+        MaskedMetric("hidden_cosine", "hidden cos", True, None),
+    )
+}
+"""The headline metrics: accuracy, perplexity, agreement and KL at masked positions; the cosine at
+non-pad ones. The model card, the sweep report and its uncertainty all read this table."""
 
 
 class MetricsLog:

@@ -15,10 +15,9 @@ import math
 import torch
 from torch import nn
 
+from cache_format.family import ROBERTA_LIKE, hidden_size, num_layers, position_offset
 from pipeline.errors import DistilcacheError
 from student_train.config import StudentConfig
-
-ROBERTA_LIKE = {"roberta", "xlm-roberta", "camembert", "data2vec-text", "xlm-roberta-xl"}
 
 _BERT_TO_DISTILBERT_LAYER = {
     "attention.self.query": "attention.q_lin",
@@ -47,7 +46,7 @@ def student_config(cfg: StudentConfig, teacher_config):
         config = AutoConfig.from_pretrained(cfg.config)
     else:
         t = teacher_config
-        offset = t.pad_token_id + 1 if t.model_type in ROBERTA_LIKE else 0
+        offset = position_offset(t)
         config = DistilBertConfig(
             vocab_size=t.vocab_size,
             max_position_embeddings=t.max_position_embeddings - offset,
@@ -66,14 +65,6 @@ def student_config(cfg: StudentConfig, teacher_config):
             if hasattr(config, key):
                 setattr(config, key, cfg.dropout)
     return config
-
-
-def hidden_size(config) -> int:
-    return int(getattr(config, "hidden_size", None) or config.dim)
-
-
-def num_layers(config) -> int:
-    return int(getattr(config, "num_hidden_layers", None) or config.n_layers)
 
 
 def init_from_teacher(student: nn.Module, teacher_state: dict[str, torch.Tensor], teacher_config) -> list[int]:
@@ -103,7 +94,7 @@ def init_from_teacher(student: nn.Module, teacher_state: dict[str, torch.Tensor]
 
 def _distilbert_from_bert(t: dict, tcfg, layers: list[int], prefix: str) -> dict[str, torch.Tensor]:
     head = "cls.predictions" if prefix == "bert" else "lm_head"
-    offset = tcfg.pad_token_id + 1 if prefix == "roberta" else 0
+    offset = position_offset(tcfg)
     positions = t[f"{prefix}.embeddings.position_embeddings.weight"][offset:]
     out = {
         "distilbert.embeddings.word_embeddings.weight": t[f"{prefix}.embeddings.word_embeddings.weight"],

@@ -26,13 +26,13 @@ import yaml
 from tqdm import tqdm
 
 from cache_format.atomic import write_json_atomic
+from cache_format.family import hidden_size
 from cache_format.hashing import tokenizer_sha256, weights_sha256
 from cache_format.head import LOAD_ERRORS
 from cache_format.kd_modes import KD_MODES
 from cache_format.layout import valid_positions
 from cache_format.reader import CacheReader
 from pipeline.config import to_dict
-from pipeline.dist import init_training, resolve_head_dtype, resolve_precision
 from pipeline.errors import DistilcacheError, first_line
 from pipeline.versions import library_versions
 from student_train import checkpoint, ds_config, losses
@@ -42,8 +42,9 @@ from student_train.data import CacheBatches, FieldSelection
 from student_train.evaluate import evaluate, load_rows, table
 from student_train.export import export_student
 from student_train.metrics import MetricsLog, StepStats
-from student_train.model import DistillModule, hidden_size, init_from_teacher, student_config
+from student_train.model import DistillModule, init_from_teacher, student_config
 from student_train.run_dir import SUMMARY_FILE, RunDir
+from student_train.runtime import init_training, resolve_head_dtype, resolve_precision
 
 log = logging.getLogger(__name__)
 LOSS_TERMS = ("kd", "mlm", "cos")
@@ -376,7 +377,7 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run_train(cfg: TrainConfig, online_teacher: bool = False, resume: bool = False, overwrite: bool = False) -> dict:
+def run_train(cfg: TrainConfig, *, online_teacher: bool = False, resume: bool = False, overwrite: bool = False) -> dict:
     trainer = Trainer(cfg, online_teacher, resume, overwrite)
     try:
         trainer.setup()

@@ -27,11 +27,12 @@ from cache_format.hashing import tokenizer_sha256, weights_sha256
 from cache_format.head import LOAD_ERRORS, find_head
 from cache_format.layout import valid_positions
 from cache_format.rng import STREAM_SHUFFLE, permutation
+from cache_format.settings import IGNORE_INDEX
 from pipeline.config import to_dict
 from pipeline.errors import DistilcacheError, first_line
 from teacher_cache.config import AdaptConfig
 from teacher_cache.corpus import PackedSplit, prepare_corpus
-from teacher_cache.masking import IGNORE_INDEX, make_spec, mask_batch
+from teacher_cache.masking import make_spec, mask_batch
 
 log = logging.getLogger(__name__)
 INFO_FILE = "adapt.json"

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from cache_format.encode import encode_hidden, encode_values
 from cache_format.layout import plan_rows, split_seed, valid_positions
 from cache_format.settings import IGNORE_INDEX, OutputsConfig
-from cache_format.store import CacheError
+from pipeline.errors import CacheError
 from teacher_cache.config import CacheConfig
 from teacher_cache.corpus import PackedCorpus, PackedSplit, prepare_corpus
 from teacher_cache.masking import MaskSpec, make_spec, mask_batch

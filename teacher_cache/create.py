@@ -24,7 +24,7 @@ from cache_format.head import HEAD_FILE, find_head, head_state
 from cache_format.lock import WriterLock, live_holders
 from cache_format.manifest import build_manifest, manifest_problems, missing_shards
 from cache_format.storage import LocalStorage, Storage
-from cache_format.store import DATA, HEADER, LOCKS, MANIFEST, TEACHER_DIR, CacheStore, chunk_layout
+from cache_format.store import DATA, HEADER, LOCKS, MANIFEST, TEACHER_DIR, CacheStore, chunk_layout, json_or_torn
 from pipeline.config import identity_diff
 from pipeline.errors import CacheError
 from pipeline.log import human_bytes
@@ -38,19 +38,9 @@ log = logging.getLogger(__name__)
 COUNTS = "token_counts"
 
 
-def _json_or_torn(storage: Storage, key: str) -> tuple[dict | None, bool]:
-    """(parsed, torn): (None, False) when the file is absent."""
-    if not storage.exists(key):
-        return None, False
-    try:
-        return json.loads(storage.read_bytes(key)), False
-    except (ValueError, UnicodeDecodeError):
-        return None, True
-
-
 def _group_fingerprint(storage: Storage) -> str | None:
     """The fingerprint zarr's root group keeps (it marks a distilcache cache whose header is torn)."""
-    group, _ = _json_or_torn(storage, f"{DATA}/zarr.json")
+    group, _ = json_or_torn(storage, f"{DATA}/zarr.json")
     return ((group or {}).get("attributes", {}).get("distilcache") or {}).get("fingerprint")
 
 
@@ -60,7 +50,7 @@ def open_for_capture(storage: Storage, header: dict, overwrite: bool, lock: Writ
     store = CacheStore(storage)
     if storage.is_foreign_file():
         raise CacheError(f"store.output {storage.url} is a file; give a directory for the cache")
-    old, header_torn = _json_or_torn(storage, HEADER)
+    old, header_torn = json_or_torn(storage, HEADER)
     ours = old is not None or _group_fingerprint(storage) is not None
     if not ours and [k for k in storage.list() if not k.startswith(f"{LOCKS}/")]:
         raise CacheError(
@@ -77,7 +67,7 @@ def open_for_capture(storage: Storage, header: dict, overwrite: bool, lock: Writ
                 f"{storage.url}/{HEADER} is torn (not valid JSON) and the cache belongs to another config; run "
                 f"`pipeline verify --repair {storage.url}` to restore it, or pass --overwrite to rebuild the cache"
             )
-        manifest, manifest_torn = _json_or_torn(storage, MANIFEST)
+        manifest, manifest_torn = json_or_torn(storage, MANIFEST)
         if manifest is not None or manifest_torn or store.committed(strict=False):
             diff = identity_diff(old.get("identity", {}), header["identity"])
             raise CacheError(
@@ -106,7 +96,7 @@ def _resume(store: CacheStore, header: dict, header_torn: bool) -> str:
         log.warning("%s/%s is torn; rewriting it from this config (the shards are kept)", storage.url, HEADER)
         storage.write_bytes(HEADER, json.dumps(header, indent=2).encode())
         storage.delete(MANIFEST)  # it hashed the old header: rewritten once every shard is committed
-    manifest, torn = _json_or_torn(storage, MANIFEST)
+    manifest, torn = json_or_torn(storage, MANIFEST)
     if torn or (manifest is not None and manifest_problems(manifest)):
         log.warning("%s/%s is damaged; it is rewritten once every shard is committed", storage.url, MANIFEST)
         storage.delete(MANIFEST)

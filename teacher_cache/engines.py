@@ -30,12 +30,12 @@ from cache_format.manifest import missing_shards
 from cache_format.storage import Storage, open_storage
 from cache_format.store import AlreadyCommitted, CacheStore
 from pipeline.config import from_dict, to_dict
-from pipeline.dist import DistEnv
 from pipeline.errors import CacheError
 from teacher_cache import report
 from teacher_cache.capture import ShardCapture, build_capture, progress
 from teacher_cache.config import CacheConfig
 from teacher_cache.create import finalize, open_for_capture, prepare
+from teacher_cache.group import DistEnv
 from teacher_cache.writer import ShardWriter
 
 log = logging.getLogger(__name__)

@@ -13,9 +13,10 @@ from cache_format.layout import FieldSpec, SplitLayout, field_specs, shard_rows_
 from cache_format.manifest import make_header
 from cache_format.store import FORMAT_VERSION
 from pipeline.config import to_dict
+from pipeline.errors import TeacherError
 from teacher_cache.config import CacheConfig
 from teacher_cache.corpus import PackedCorpus
-from teacher_cache.teacher import Teacher, TeacherError
+from teacher_cache.teacher import Teacher
 
 
 @dataclass

@@ -12,12 +12,12 @@ import torch
 
 from cache_format.storage import Storage, open_storage
 from cache_format.store import CacheStore
-from pipeline.dist import DistEnv
 from pipeline.errors import CacheError
 from teacher_cache import engines, report
 from teacher_cache.capture import build_capture
 from teacher_cache.config import CacheConfig
 from teacher_cache.create import finalize
+from teacher_cache.group import DistEnv
 from teacher_cache.plan import CachePlan
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 def run_cache(
     cfg: CacheConfig,
+    *,
     overwrite: bool = False,
     worker: tuple[int, int] | None = None,
     engine: str = "local",

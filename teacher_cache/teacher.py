@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
+from cache_format.family import hidden_size, position_offset
 from cache_format.hashing import tokenizer_sha256, weights_sha256
 from cache_format.head import LOAD_ERRORS, find_head
-from pipeline.errors import DistilcacheError
+from pipeline.errors import TeacherError, first_line
 from teacher_cache.config import TeacherConfig
 from teacher_cache.topk import chunked_logit_stats
 
@@ -25,12 +26,6 @@ log = logging.getLogger(__name__)
 CHUNK_BYTES = 128 * 2**20
 """Default size of one chunk of fp32 logits in the fused head: 1,024-row chunks ran the head GEMM ~10 %
 faster than 256-row ones on CPU (it re-reads the decoder matrix once per chunk)."""
-_POSITION_OFFSET_TYPES = {"roberta", "xlm-roberta", "camembert", "xlm-roberta-xl", "data2vec-text"}
-"""RoBERTa-style models number positions from pad_token_id + 1."""
-
-
-class TeacherError(DistilcacheError):
-    """The teacher cannot be loaded or used as configured."""
 
 
 @dataclass
@@ -61,17 +56,11 @@ class Teacher:
 
     @property
     def hidden_size(self) -> int:
-        return int(
-            self.model.config.hidden_size if hasattr(self.model.config, "hidden_size") else self.model.config.dim
-        )
+        return hidden_size(self.model.config)
 
     @property
     def max_positions(self) -> int:
-        config = self.model.config
-        limit = int(config.max_position_embeddings)
-        if config.model_type in _POSITION_OFFSET_TYPES:
-            limit -= int(config.pad_token_id) + 1
-        return limit
+        return int(self.model.config.max_position_embeddings) - position_offset(self.model.config)
 
     def chunk_tokens(self, configured: int | None) -> int:
         """Rows per fused head chunk: configured, or ~128 MB of fp32 logits (large GEMMs, bounded memory)."""
@@ -158,7 +147,7 @@ def load_teacher(cfg: TeacherConfig) -> Teacher:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as exc:
         raise TeacherError(
-            f"teacher.name: cannot load a tokenizer from {cfg.name!r} ({_short(exc)}); "
+            f"teacher.name: cannot load a tokenizer from {cfg.name!r} ({first_line(exc)}); "
             "check the name or path (offline: use a local directory)"
         ) from None
     if not getattr(tokenizer, "is_fast", False) or tokenizer.mask_token_id is None:
@@ -173,10 +162,10 @@ def load_teacher(cfg: TeacherConfig) -> Teacher:
                 f"teacher.name: {cfg.name} is not a masked language model; use a model that "
                 "AutoModelForMaskedLM loads (BERT, RoBERTa, DistilBERT, ...)"
             ) from None
-        raise TeacherError(f"teacher.name: cannot load {cfg.name!r}: {_short(exc)}") from None
+        raise TeacherError(f"teacher.name: cannot load {cfg.name!r}: {first_line(exc)}") from None
     except LOAD_ERRORS as exc:
         raise TeacherError(
-            f"teacher.name: cannot load {cfg.name!r} ({_short(exc)}); check the name or path (offline: use a local "
+            f"teacher.name: cannot load {cfg.name!r} ({first_line(exc)}); check the name or path (offline: use a local "
             "directory), or, if its weight files are damaged, download or save them again"
         ) from None
     finally:
@@ -191,7 +180,3 @@ def load_teacher(cfg: TeacherConfig) -> Teacher:
     weights = weights_sha256(model)
     model = model.to(device=device, dtype=dtype).eval()
     return Teacher(cfg.name, model, tokenizer, device, dtype, weights, tokenizer_sha256(tokenizer))
-
-
-def _short(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]

@@ -10,7 +10,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from cache_format.store import AlreadyCommitted, CacheError, CacheStore
+from cache_format.store import AlreadyCommitted, CacheStore
+from pipeline.errors import CacheError
 
 log = logging.getLogger(__name__)
 

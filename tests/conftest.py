@@ -1,5 +1,6 @@
-"""Tiny, self-contained fixtures: real English text from a few standard-library docstrings, a
-WordPiece tokenizer trained on it, and 2-layer BERT masked LMs (hidden 32). No network."""
+"""Tiny, self-contained fixtures: real English text from a few standard-library docstrings, the
+committed WordPiece tokenizer trained on it (tests/assets), and 2-layer BERT masked LMs (hidden
+32). No network."""
 
 from __future__ import annotations
 
@@ -16,50 +17,23 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SEQ_LEN = 32
-VOCAB = 300
+
+
+TOKENIZER = Path(__file__).resolve().parent / "assets" / "tokenizer"
+"""The fixture tokenizer, built once by tests/assets/make_tokenizer.py and committed: the same
+vocabulary on every run and machine."""
 
 
 def _docstring_text() -> list[str]:
-    from teacher_cache.corpus.python_docs import iter_docstrings, stdlib_root
+    from tests.assets.make_tokenizer import docstring_text
 
-    docs: list[str] = []
-    for package in ("json", "email", "http"):
-        docs.extend(iter_docstrings(stdlib_root() / package))
-    return docs
+    return docstring_text()
 
 
-def _train_tokenizer(texts: list[str]):
-    from tokenizers import (
-        Tokenizer,
-        decoders,
-        models,
-        normalizers,
-        pre_tokenizers,
-        processors,
-        trainers,
-    )
-    from transformers import PreTrainedTokenizerFast
+def fixture_tokenizer():
+    from transformers import AutoTokenizer
 
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=VOCAB, special_tokens=specials))
-    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B [SEP]",
-        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="[PAD]",
-        unk_token="[UNK]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-    )
+    return AutoTokenizer.from_pretrained(TOKENIZER)
 
 
 def torchrun_cmd(nproc: int, *pipeline_args: str) -> list[str]:
@@ -113,7 +87,7 @@ def assets(tmp_path_factory) -> Assets:
     third = len(docs) // 3
     for i, chunk in enumerate((docs[:third], docs[third : 2 * third], docs[2 * third :])):
         (text_dir / f"part{i}.txt").write_text("\n\n".join(chunk) + "\n", encoding="utf-8")
-    tokenizer = _train_tokenizer(docs)
+    tokenizer = fixture_tokenizer()
     torch.manual_seed(0)
     model = BertForMaskedLM(tiny_bert_config(len(tokenizer))).eval()
     teacher = root / "teacher"
@@ -139,6 +113,16 @@ def cache_cfg(assets, tmp_path):
             "shard_rows": 8,
         },
     }
+
+
+@pytest.fixture
+def raw(cache_cfg) -> dict:
+    """`cache_cfg` with raw (uncompressed) float16 hidden states: every shard file of a field has one size."""
+    import copy
+
+    out = copy.deepcopy(cache_cfg)
+    out["outputs"].update(hidden_dtype="float16")
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -11,9 +11,9 @@ import time
 import pytest
 import yaml
 
-from pipeline.dist import LAUNCHER_VARS
 from pipeline.errors import ConfigError
-from student_train import sweep
+from student_train.ablations import grid as sweep
+from student_train.runtime import LAUNCHER_VARS
 from tests.test_train import ROOT
 
 pytestmark = pytest.mark.integration

@@ -33,8 +33,8 @@ def adapt_cfg(base: Path, assets, tmp_path, **extra) -> AdaptConfig:
         "base": str(base),
         "output_dir": str(tmp_path / "teacher"),
         "cache_dir": str(tmp_path / "home"),
-        "steps": 800,
-        "batch_size": 8,
+        "steps": 200,
+        "batch_size": 16,
         "lr": 1e-2,
         "head_lr": 1e-2,
         "train_layers": 1,
@@ -70,7 +70,7 @@ def test_adapt_adds_a_head_trains_the_top_layers_and_is_reused(encoder, assets, 
     mtime = (out / "model.safetensors").stat().st_mtime_ns
     adapt.run_adapt(cfg)
     assert (out / "model.safetensors").stat().st_mtime_ns == mtime, "an up-to-date teacher is reused"
-    adapt.run_adapt(adapt_cfg(encoder, assets, tmp_path, steps=801))
+    adapt.run_adapt(adapt_cfg(encoder, assets, tmp_path, steps=201))
     assert (out / "model.safetensors").stat().st_mtime_ns != mtime, "a changed config re-adapts"
 
 

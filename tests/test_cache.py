@@ -16,9 +16,10 @@ from cache_format.head import load_head
 from cache_format.layout import split_seed
 from cache_format.reader import CacheReader
 from cache_format.storage import LocalStorage
-from cache_format.store import CacheError, CacheStore
+from cache_format.store import CacheStore
 from cache_format.verify import verify_cache
 from pipeline.config import apply_mapping, from_dict
+from pipeline.errors import CacheError
 from student_train.evaluate import load_rows
 from teacher_cache.config import CacheConfig
 from teacher_cache.corpus import prepare_corpus

@@ -5,8 +5,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from cache_format.hashing import tokenizer_sha256
+from pipeline.errors import CorpusError
 from teacher_cache.config import CorpusConfig
-from teacher_cache.corpus import CorpusError, prepare_corpus
+from teacher_cache.corpus import prepare_corpus
 from teacher_cache.corpus import sources as corpus_sources
 from teacher_cache.corpus.packing import Packer, special_frame
 from teacher_cache.corpus.sources import _text_documents

@@ -1,5 +1,5 @@
 """The faithful default: a cache built and a student trained with no options use exact KD from
-int8 hidden states (README, "Fidelity"), and the alternatives say what they cost."""
+int8 hidden states (docs/results/fidelity.md), and the alternatives say what they cost."""
 
 import copy
 from pathlib import Path
@@ -69,7 +69,7 @@ def test_defaults_cache_int8_hidden_states_only_and_train_exact_kd(default_cache
 
 def test_int8_hidden_exact_loss_is_within_a_stated_tolerance_of_fp16(tiny_cache):
     """Teacher hidden states stored as int8 (per-token absmax) instead of fp16: the exact KD loss
-    of a student moves by less than 0.1 % on average (README: the same measured on the shared
+    of a student moves by less than 0.1 % on average (docs/results/fidelity.md: the same measured on the shared
     teacher)."""
     reader = CacheReader(tiny_cache)
     head = reader.head()

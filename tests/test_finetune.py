@@ -19,9 +19,10 @@ from click.testing import CliRunner
 from pipeline.cli import main
 from pipeline.config import from_dict, to_dict
 from pipeline.errors import DistilcacheError
-from student_train import speed, uncertainty
-from student_train.finetune import run_finetune
-from student_train.finetune_config import FinetuneConfig
+from student_train import speed
+from student_train.ablations import uncertainty
+from student_train.downstream.config import FinetuneConfig
+from student_train.downstream.finetune import run_finetune
 from tests.test_train import ROOT, env, train
 
 pytestmark = pytest.mark.integration
@@ -122,13 +123,13 @@ def test_a_killed_run_resumes_only_the_unfinished_pairs(assets, tmp_path):
 
 
 def test_a_model_with_another_tokenizer_is_refused(assets, tiny_cache, tmp_path):
-    from tests.conftest import _train_tokenizer
+    from tests.assets.make_tokenizer import train_tokenizer
 
     other = tmp_path / "other"
     from transformers import AutoModelForMaskedLM
 
     AutoModelForMaskedLM.from_pretrained(assets.teacher).save_pretrained(other)
-    _train_tokenizer(["a completely different vocabulary of words", "zebra quartz"] * 50).save_pretrained(other)
+    train_tokenizer(["a completely different vocabulary of words", "zebra quartz"] * 50).save_pretrained(other)
     task = write_task(tmp_path / "t.tsv", 40)
     config = cfg(tmp_path, task, {"teacher": str(assets.teacher), "other": str(other)})
     config.cache = str(tiny_cache)

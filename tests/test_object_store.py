@@ -20,9 +20,9 @@ from cache_format.storage import open_storage
 from cache_format.verify import verify_cache
 from pipeline.cli import main
 from pipeline.config import from_dict
-from pipeline.dist import LAUNCHER_VARS
 from pipeline.errors import DistilcacheError
 from student_train.config import TrainConfig
+from student_train.runtime import LAUNCHER_VARS
 from student_train.trainer import run_train
 from teacher_cache.config import CacheConfig
 from teacher_cache.run import run_cache

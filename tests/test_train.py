@@ -12,9 +12,9 @@ import torch
 import yaml
 
 from pipeline.config import apply_mapping, from_dict
-from pipeline.dist import LAUNCHER_VARS
 from pipeline.errors import ConfigError, DistilcacheError
 from student_train.config import TrainConfig
+from student_train.runtime import LAUNCHER_VARS
 from student_train.trainer import Trainer, run_train
 from tests.conftest import torchrun_cmd
 

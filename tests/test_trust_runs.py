@@ -287,8 +287,8 @@ def test_a_duplicate_yaml_key_names_the_key_and_its_line(tmp_path):
 
 @pytest.mark.parametrize("which", ["training", "validation"])
 def test_a_task_with_one_class_is_refused(tmp_path, which):
-    from student_train.finetune_config import TaskConfig
-    from student_train.tasks import load_task
+    from student_train.downstream.config import TaskConfig
+    from student_train.downstream.tasks import load_task
 
     train_file, valid = tmp_path / "train.tsv", tmp_path / "valid.tsv"
     rows = lambda labels: "label\tsentence\n" + "".join(f"{y}\tsentence {i}\n" for i, y in enumerate(labels))  # noqa: E731

@@ -6,8 +6,10 @@ and packed across document boundaries into sequences of exactly `max_seq_len` to
 by the corpus content, the tokenizer and the packing parameters (`prepare`).
 """
 
+from pipeline.errors import CorpusError
+from pipeline.paths import expand_paths
 from teacher_cache.corpus.packing import PackedCorpus, PackedSplit
 from teacher_cache.corpus.prepare import prepare_corpus
-from teacher_cache.corpus.sources import CorpusError, expand_paths, hash_files
+from teacher_cache.corpus.sources import hash_files
 
 __all__ = ["CorpusError", "PackedCorpus", "PackedSplit", "expand_paths", "hash_files", "prepare_corpus"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from teacher_cache.corpus.sources import CorpusError
+from pipeline.errors import CorpusError
 
 log = logging.getLogger(__name__)
 

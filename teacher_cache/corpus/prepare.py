@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from cache_format.rng import STREAM_EVAL_SPLIT, permutation
+from pipeline.errors import CorpusError
 from teacher_cache.config import CorpusConfig
 from teacher_cache.corpus.packing import PackedCorpus, PackedSplit, _tokenize, pack_split
-from teacher_cache.corpus.sources import CorpusError, load_documents, source_fingerprint
+from teacher_cache.corpus.sources import load_documents, source_fingerprint
 from teacher_cache.masking import token_counts
 
 log = logging.getLogger(__name__)

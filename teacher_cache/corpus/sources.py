@@ -4,51 +4,20 @@ hub dataset, or the built-in python-docs corpus, all through `datasets`; and the
 from __future__ import annotations
 
 import codecs
-import glob
 import hashlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.errors import DistilcacheError
+from pipeline.errors import CorpusError, first_line
+from pipeline.paths import TEXT_SUFFIXES, expand_paths
 from teacher_cache.config import CorpusConfig
 from teacher_cache.corpus.python_docs import iter_python_docs, stdlib_root
 
 log = logging.getLogger(__name__)
-
-TEXT_SUFFIXES = {
-    ".txt": "text",
-    ".text": "text",
-    ".md": "text",
-    ".jsonl": "json",
-    ".json": "json",
-    ".parquet": "parquet",
-}
-
-
-class CorpusError(DistilcacheError):
-    """The corpus cannot be read or yields no text."""
-
-
-def expand_paths(
-    patterns: Iterable[str], key: str = "corpus.paths", suffixes: Iterable[str] = tuple(TEXT_SUFFIXES)
-) -> list[Path]:
-    """Expand files/globs; every pattern must match at least one file with one of `suffixes`."""
-    files: list[Path] = []
-    for pattern in patterns:
-        matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
-        found = [Path(m) for m in matches if Path(m).is_file()]
-        if not found:
-            raise CorpusError(f"{key}: no file matches {pattern!r}; check the path or glob")
-        files.extend(found)
-    for f in files:
-        if f.suffix.lower() not in suffixes:
-            known = ", ".join(sorted(suffixes))
-            raise CorpusError(f"{key}: {f} has an unsupported extension; use one of {known}")
-    return files
 
 
 def hash_files(files: list[Path]) -> str:
@@ -131,7 +100,7 @@ def _load_files(files: list[Path], cfg: CorpusConfig):
         except CorpusError:
             raise
         except Exception as exc:  # datasets raises many types for malformed files
-            raise CorpusError(f"corpus: cannot read {group[0]}...: {_first_line(exc)}") from None
+            raise CorpusError(f"corpus: cannot read {group[0]}...: {first_line(exc)}") from None
         parts.append(_text_column(ds, cfg.text_column if builder != "text" else "text", group[0]))
     if not parts:
         raise CorpusError(f"corpus: no text found in {', '.join(str(f) for f in files)}; point corpus.paths at text")
@@ -154,10 +123,6 @@ def _text_column(ds, column: str, where: str):
     return ds.rename_column(column, "text") if column != "text" else ds
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-
-
 def _load_disk(cfg: CorpusConfig, split: str):
     import datasets
 
@@ -167,7 +132,7 @@ def _load_disk(cfg: CorpusConfig, split: str):
     try:
         ds = datasets.load_from_disk(path)
     except Exception as exc:
-        raise CorpusError(f"corpus: cannot load {path} with load_from_disk: {_first_line(exc)}") from None
+        raise CorpusError(f"corpus: cannot load {path} with load_from_disk: {first_line(exc)}") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise CorpusError(f"corpus: split {split!r} not in {path} (splits: {', '.join(ds)})")
@@ -183,7 +148,7 @@ def _load_hub(cfg: CorpusConfig, split: str):
     except Exception as exc:
         raise CorpusError(
             f"corpus: cannot load hub dataset {cfg.name!r} ({cfg.subset or 'default'}, {split}): "
-            f"{_first_line(exc)}; check the name, or that it is cached when offline"
+            f"{first_line(exc)}; check the name, or that it is cached when offline"
         ) from None
     return _text_column(ds, cfg.text_column, cfg.name), str(ds._fingerprint)
 

@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from student_train.metrics import MASKED_METRICS
+
 RESOLVED_SE = 2.0
 
 
@@ -46,12 +48,7 @@ def bootstrap_delta(
     return float(delta), float(np.std(diffs, ddof=1))
 
 
-TOKEN_METRICS: dict[str, Callable[[dict[str, np.ndarray], np.ndarray], float]] = {
-    "masked_accuracy": lambda t, i: float(t["hit"][i].mean()),
-    "perplexity": lambda t, i: float(np.exp(t["nll"][i].mean())),
-    "teacher_top1_agreement": lambda t, i: float(t["agree"][i].mean()),
-    "kl_teacher_student": lambda t, i: float(t["kl"][i].mean()),
-}
+TOKEN_METRICS = {name: m.from_tokens for name, m in MASKED_METRICS.items() if m.from_tokens is not None}
 """Held-out metrics as functions of the per-masked-token values `evaluate` saves (eval_tokens.npz)."""
 
 

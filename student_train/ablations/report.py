@@ -13,27 +13,16 @@ import numpy as np
 
 from cache_format.reader import CacheReader
 from pipeline.config import flatten
+from student_train.ablations.grid import Grid
+from student_train.ablations.uncertainty import TOKEN_METRICS, bootstrap_delta, paired_delta, verdict
 from student_train.config import TrainConfig
+from student_train.downstream.tasks import metric_values
 from student_train.evaluate import METRICS
+from student_train.metrics import MASKED_METRICS
 from student_train.run_dir import SUMMARY_FILE
-from student_train.sweep import Grid
-from student_train.tasks import metric_values
-from student_train.uncertainty import TOKEN_METRICS, bootstrap_delta, paired_delta, verdict
 
-HIGHER_IS_BETTER = {
-    "masked_accuracy": True,
-    "perplexity": False,
-    "teacher_top1_agreement": True,
-    "kl_teacher_student": False,
-    "hidden_cosine": True,
-}
-LABELS = {
-    "masked_accuracy": "masked acc",
-    "perplexity": "perplexity",
-    "teacher_top1_agreement": "top-1 agree",
-    "kl_teacher_student": "KL(t‖s)",  # no ASCII pipes: they would split a Markdown table cell
-    "hidden_cosine": "hidden cos",
-}
+HIGHER_IS_BETTER = {name: m.higher_is_better for name, m in MASKED_METRICS.items()}
+LABELS = {name: m.label for name, m in MASKED_METRICS.items()}
 
 
 DOWNSTREAM = "downstream"
@@ -157,11 +146,10 @@ def _downstream_bootstrap(a: Path, b: Path) -> tuple[float, float]:
     return bootstrap_delta(score, {"p": preds["a"]}, {"p": preds["b"]}, len(labels), rounds=300)
 
 
-def amortisation(cache: str, rows: list[dict]) -> dict:
+def amortisation(reader: CacheReader, rows: list[dict]) -> dict:
     """Teacher time paid once (the capture's teacher seconds) against the students' time, and the
     estimate of the same sweep with the teacher online: each run adds the teacher's time for the
     tokens it trained on, at the capture's measured teacher seconds per token."""
-    reader = CacheReader(cache)
     splits = reader.manifest["counts"]["splits"]
     teacher_s = sum(s["teacher_seconds"] for s in splits.values())
     per_token = teacher_s / max(sum(s["tokens"] for s in splits.values()), 1)
@@ -180,18 +168,18 @@ def amortisation(cache: str, rows: list[dict]) -> dict:
     }
 
 
-def write_report(grid: Grid, configs: dict[str, TrainConfig], out: Path, cache: str) -> Path:
+def write_report(grid: Grid, configs: dict[str, TrainConfig], out: Path, reader: CacheReader) -> Path:
     """results.csv, results.md and results.png in `out`; returns the Markdown path."""
     rows = collect(grid, configs)
     if not rows:
         raise FileNotFoundError(f"no finished variant under {out / 'runs'}")
     _write_csv(rows, out / "results.csv")
-    amort = amortisation(cache, rows)
+    amort = amortisation(reader, rows)
     (out / "results.json").write_text(
         json.dumps({"grid": grid.name, "rows": [_plain(r) for r in rows], "amortisation": amort}, indent=2)
     )
     plot(rows, grid, out / "results.png")
-    md = markdown(rows, grid, amort, cache)
+    md = markdown(rows, grid, amort, reader.url)
     (out / "results.md").write_text(md)
     return out / "results.md"
 

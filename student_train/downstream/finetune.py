@@ -24,12 +24,13 @@ from tqdm import tqdm
 
 from cache_format.atomic import write_json_atomic
 from cache_format.head import LOAD_ERRORS
-from cache_format.rng import permutation
+from cache_format.rng import STREAM_TASK, permutation
 from pipeline.config import to_dict
 from pipeline.errors import DistilcacheError, first_line
 from student_train import speed
-from student_train.finetune_config import FinetuneConfig, RecipeConfig
-from student_train.tasks import STREAM_TASK, TaskData, load_task, metric_values
+from student_train.downstream import report as finetune_report
+from student_train.downstream.config import FinetuneConfig, RecipeConfig
+from student_train.downstream.tasks import TaskData, load_task, metric_values
 
 log = logging.getLogger(__name__)
 RESULT = "result.json"
@@ -153,15 +154,13 @@ def _predict(model, ids: list[list[int]], pad: int, task: TaskData, recipe: Reci
     return torch.cat(out).cpu().numpy()
 
 
-def run_finetune(cfg: FinetuneConfig, speed_only: bool = False, measure: bool = True) -> dict:
+def run_finetune(cfg: FinetuneConfig, *, speed_only: bool = False, measure: bool = True) -> dict:
     """Every (model, seed) not finished yet, then size and speed (unless not `measure`), then the report."""
-    from student_train import finetune_report
-
     if not cfg.models:
         raise DistilcacheError("finetune: no models; give --model NAME=PATH (e.g. teacher=..., student=...)")
     reference = cfg.reference or ("teacher" if "teacher" in cfg.models else next(iter(cfg.models)))
     if cfg.cache:
-        finetune_report.check_lineage(cfg.models, cfg.cache)
+        finetune_report.check_lineage(cfg.models, cfg.cache, cfg.storage_options)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     task = load_task(cfg.task)

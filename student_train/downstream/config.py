@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 METRICS = {
     "classification": ("accuracy", "f1", "mcc"),
@@ -153,6 +153,8 @@ class FinetuneConfig:
     """The model retention is measured against (default: `teacher` when present, else the first)."""
     cache: str | None = None
     """A teacher cache: models whose vocabulary or tokenizer differ from it are refused."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """Object-store options for a remote `cache` (as `train.data.storage_options`)."""
     task: TaskConfig = field(default_factory=TaskConfig)
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)

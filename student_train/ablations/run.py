@@ -24,85 +24,18 @@ import yaml
 from tqdm import tqdm
 
 from cache_format.atomic import write_json_atomic
-from pipeline.config import apply_mapping, from_dict, load_yaml, to_dict
-from pipeline.dist import LAUNCHER_VARS
+from pipeline.config import load_config, to_dict
 from pipeline.errors import ConfigError, DistilcacheError
-from student_train.checks import preflight
+from student_train.ablations.grid import Grid, load_grid, resolve_variants
+from student_train.ablations.report import write_report
+from student_train.checks import open_cache
 from student_train.config import TrainConfig
+from student_train.downstream.config import FinetuneConfig
+from student_train.downstream.finetune import run_finetune
 from student_train.run_dir import RUN_FILES, SUMMARY_FILE
+from student_train.runtime import LAUNCHER_VARS
 
 log = logging.getLogger(__name__)
-GRID_KEYS = {"name", "description", "base", "baseline", "primary_metric", "variants", "paper"}
-
-
-@dataclass
-class Grid:
-    """A parsed grid file: shared overrides, variants in order, the baseline and an optional paper reference."""
-
-    name: str
-    variants: dict[str, dict[str, Any]]
-    base: dict[str, Any] = field(default_factory=dict)
-    baseline: str = ""
-    primary_metric: str = "masked_accuracy"
-    description: str = ""
-    paper: dict[str, Any] | None = None
-
-
-def load_grid(path: str | Path) -> Grid:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"grid file {path} not found; see configs/ablations/ for examples")
-    doc = load_yaml(path.read_text(encoding="utf-8"), f"grid file {path}") or {}
-    if not isinstance(doc, dict):
-        raise ConfigError(f"grid file {path} must be a mapping with `variants`")
-    unknown = sorted(set(doc) - GRID_KEYS)
-    if unknown:
-        known = ", ".join(sorted(GRID_KEYS))
-        raise ConfigError(f"grid file {path}: unknown key(s) {', '.join(unknown)}; known: {known}")
-    variants = doc.get("variants") or {}
-    if not isinstance(variants, dict) or not variants:
-        raise ConfigError(f"grid file {path}: `variants` must map variant names to overrides (at least one)")
-    bad = [n for n in variants if not str(n).replace("-", "").replace("_", "").isalnum()]
-    if bad:
-        raise ConfigError(f"grid file {path}: variant names {bad} must be letters, digits, '-' or '_'")
-    grid = Grid(
-        name=str(doc.get("name") or path.stem),
-        variants={str(n): dict(v or {}) for n, v in variants.items()},
-        base=dict(doc.get("base") or {}),
-        baseline=str(doc.get("baseline") or next(iter(variants))),
-        primary_metric=str(doc.get("primary_metric", "masked_accuracy")),
-        description=str(doc.get("description", "")),
-        paper=doc.get("paper"),
-    )
-    if grid.baseline not in grid.variants:
-        raise ConfigError(f"grid file {path}: baseline {grid.baseline!r} is not a variant ({', '.join(variants)})")
-    return grid
-
-
-def resolve_variants(
-    grid: Grid, base_train: dict[str, Any], cache: str | None, out: Path, seeds: int = 1
-) -> dict[str, TrainConfig]:
-    """Each run's TrainConfig: --config/--set train section < grid base < variant; cache and
-    output_dir set by the sweep. With `seeds` > 1, each variant runs `seeds` times (`variant/seed-K`,
-    train.seed + K) from the same cache. All problems of all variants are reported at once."""
-    configs, problems = {}, []
-    for name, overrides in grid.variants.items():
-        raw = apply_mapping(apply_mapping(copy.deepcopy(base_train), grid.base), overrides)
-        if cache:
-            raw["cache"] = cache
-        for k in range(seeds):
-            run = name if seeds == 1 else f"{name}/seed-{k}"
-            raw_k = {**raw, "output_dir": str(out / "runs" / run), "seed": int(raw.get("seed", 56)) + k}
-            try:
-                configs[run] = from_dict(TrainConfig, raw_k, prefix="train.")
-            except ConfigError as exc:
-                problems.append(f"variant {name}: {exc}")
-                break
-    for name, cfg in configs.items():
-        problems += [f"variant {name}: {p}" for p in preflight(cfg)]
-    if problems:
-        raise ConfigError("; ".join(problems))
-    return configs
 
 
 MARKER = "ablate.json"
@@ -233,37 +166,43 @@ def check_outcome(outcome: dict[str, str], report: Path) -> None:
         )
 
 
-def run_ablate(
-    grid_path: str,
-    cache: str | None,
-    output: str | None,
-    parallel: int | None,
-    report_only: bool,
-    base_train: dict[str, Any],
-    print_config: bool = False,
-    seeds: int = 1,
-    finetune: str | None = None,
-) -> str:
-    """`pipeline ablate`: resolve and validate every run, run the unfinished ones, fine-tune their
-    students on a task (`finetune`: a YAML with a `finetune` section), write the report; returns
-    the text to print (the resolved configs with `print_config`)."""
-    from student_train.sweep_report import write_report
+@dataclass
+class AblateOptions:
+    """What `pipeline ablate` was asked to do (its flags) beside the base train config."""
 
-    if seeds < 1:
-        raise ConfigError(f"--seeds {seeds}: give at least 1")
-    grid = load_grid(grid_path)
-    out = Path(output or Path("runs/ablations") / grid.name)
-    configs = resolve_variants(grid, base_train, cache, out, seeds)
-    task = _finetune_config(finetune) if finetune else None
-    if print_config:
+    grid: str
+    base_train: dict[str, Any] = field(default_factory=dict)
+    """The `train` section of --config with --set on top; the grid's base and variants go over it."""
+    cache: str | None = None
+    output: str | None = None
+    parallel: int | None = None
+    report_only: bool = False
+    print_config: bool = False
+    seeds: int = 1
+    finetune: str | None = None
+    """A YAML with a `finetune` section: every student is fine-tuned on its task."""
+
+
+def run_ablate(opts: AblateOptions) -> str:
+    """`pipeline ablate`: resolve and validate every run, run the unfinished ones, fine-tune their
+    students on a task, write the report; returns the text to print (the resolved configs with
+    `print_config`). The cache is opened once, with the runs' reader options."""
+    if opts.seeds < 1:
+        raise ConfigError(f"--seeds {opts.seeds}: give at least 1")
+    grid = load_grid(opts.grid)
+    out = Path(opts.output or Path("runs/ablations") / grid.name)
+    opened: dict = {}
+    configs = resolve_variants(grid, opts.base_train, opts.cache, out, opts.seeds, opened)
+    task = load_config(FinetuneConfig, "finetune", opts.finetune) if opts.finetune else None
+    if opts.print_config:
         return "\n".join(
             f"# run {name}\n{yaml.safe_dump(to_dict(cfg), sort_keys=False)}" for name, cfg in configs.items()
         )
-    outcome = None if report_only else run_sweep(grid, configs, out, parallel or default_parallel())
-    if task is not None and not report_only:
+    outcome = None if opts.report_only else run_sweep(grid, configs, out, opts.parallel or default_parallel())
+    if task is not None and not opts.report_only:
         downstream(task, configs)
     try:
-        report = write_report(grid, configs, out, next(iter(configs.values())).cache)
+        report = write_report(grid, configs, out, open_cache(next(iter(configs.values())), opened))
     except FileNotFoundError as exc:
         raise DistilcacheError(f"{exc}; run the sweep without --report-only first") from None
     if outcome is not None:
@@ -271,17 +210,8 @@ def run_ablate(
     return f"{report.read_text()}\ntable: {report}\nplot:  {out / 'results.png'}\ncsv:   {out / 'results.csv'}"
 
 
-def _finetune_config(path: str):
-    from pipeline.config import load_config
-    from student_train.finetune_config import FinetuneConfig
-
-    return load_config(FinetuneConfig, "finetune", path)
-
-
 def downstream(task, configs: dict[str, TrainConfig]) -> None:
     """Fine-tune every finished run's exported student on the task (resumable per run and seed)."""
-    from student_train.finetune import run_finetune
-
     for name, cfg in configs.items():
         run = Path(cfg.output_dir)
         if not (run / SUMMARY_FILE).is_file():

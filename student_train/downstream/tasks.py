@@ -20,12 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cache_format.rng import permutation
-from pipeline.errors import DistilcacheError
-from student_train.finetune_config import METRICS, TaskConfig
+from cache_format.rng import STREAM_TASK, permutation
+from pipeline.errors import DistilcacheError, first_line
+from pipeline.paths import expand_paths
+from student_train.downstream.config import METRICS, TaskConfig
 
-STREAM_TASK = 9
-"""Counter-based RNG stream of the task's seeded hold-out and subsets."""
 FORMATS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
@@ -114,13 +113,11 @@ def _load_splits(cfg: TaskConfig):
             return data[cfg.split], data[cfg.validation_split] if cfg.validation_split else None
         return _files(cfg.paths), _files(cfg.validation_paths) if cfg.validation_paths else None
     except (FileNotFoundError, ValueError, KeyError, ConnectionError) as exc:
-        raise DistilcacheError(f"task: cannot load the data ({str(exc).splitlines()[0][:200]}); check task.*") from None
+        raise DistilcacheError(f"task: cannot load the data ({first_line(exc)}); check task.*") from None
 
 
 def _files(patterns: list[str]):
     import datasets
-
-    from teacher_cache.corpus import expand_paths
 
     files = [str(p) for p in expand_paths(patterns, "task.paths", FORMATS)]
     kinds = {FORMATS.get(Path(f).suffix.lower()) for f in files}

@@ -16,8 +16,8 @@ from pipeline.config import to_dict
 from pipeline.errors import DistilcacheError
 from student_train import speed
 from student_train.card import add_downstream, lineage_problem
-from student_train.finetune_config import FinetuneConfig
-from student_train.tasks import TaskData
+from student_train.downstream.config import FinetuneConfig
+from student_train.downstream.tasks import TaskData
 
 PAPER = (
     "DistilBERT against BERT-base (Sanh et al. 2019): GLUE 77.0 vs 79.5 (96.9 % retained), IMDb 92.82 vs "
@@ -25,8 +25,9 @@ PAPER = (
 )
 
 
-def check_lineage(models: dict[str, str], cache: str) -> None:
-    settings = CacheReader(cache).settings
+def check_lineage(models: dict[str, str], cache: str, storage_options: dict | None = None) -> None:
+    """Refuse models whose vocabulary or tokenizer differ from the cache's."""
+    settings = CacheReader(cache, storage_options=storage_options or None).settings
     for name, path in models.items():
         local = Path(path.removeprefix("random:"))
         problem = lineage_problem(local, settings) if local.is_dir() else None

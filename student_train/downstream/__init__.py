@@ -1,0 +1,1 @@
+"""`pipeline finetune` and `pipeline fetch-task`: students and teachers on a downstream task."""
