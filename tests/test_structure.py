@@ -154,3 +154,21 @@ def test_a_remote_cache_s_options_reach_every_open(s3, cache_cfg, tmp_path, monk
     summary = run_finetune(cfg, measure=False)
     assert json.loads((tmp_path / "ft" / "results.json").read_text())["models"] == {"student": str(student)}
     assert summary["metrics"]["student"]
+
+
+PINNED_INT8_LOSSES = [11.415443583391607, 11.508641284424812, 11.428030718583614, 11.45284313429147]
+"""The default cache (int8 hidden states, exact KD from the cached head), fp32 head GEMM: the first
+losses of a seeded tiny run, measured when the hidden states were still dequantised in the
+DataLoader workers; dequantising them inside the step must give the same bits."""
+
+
+@pytest.mark.integration
+def test_first_losses_from_int8_hidden_states_are_pinned(cache_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    raw = copy.deepcopy(cache_cfg)
+    del raw["outputs"]  # the defaults: int8 hidden states, no sparse logits
+    cache = build(raw)
+    for workers in (0, 1):
+        out = tmp_path / f"run-{workers}"
+        train(cache, out, max_steps=4, **{"loss.exact_head_dtype": "float32", "data.num_workers": workers})
+        assert losses_of(out) == PINNED_INT8_LOSSES, f"{workers} worker(s)"
