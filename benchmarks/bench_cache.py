@@ -99,8 +99,7 @@ def main() -> None:
         run_cache(cfg)
         command = time.perf_counter() - start
         manifest = CacheReader(work / "cache").manifest
-        shards = manifest["shards"]
-        capture = max(s["committed"] for s in shards) - min(s["committed"] - s["seconds"] for s in shards)
+        capture = manifest["counts"]["wall_seconds"]
         pairs.append((tokens / bare_s, tokens / capture, command))
     ratios = sorted(c / b for b, c, _ in pairs)
     bare_tps = statistics.median(b for b, _, _ in pairs)

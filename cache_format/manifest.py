@@ -13,6 +13,7 @@ import json
 import platform
 import time
 
+from cache_format import shard_table
 from cache_format.head import HEAD_FILE
 from cache_format.layout import FieldSpec, SplitLayout
 from cache_format.storage import safe_key
@@ -32,7 +33,7 @@ MANIFEST_KEYS = (
     "counts",
     "versions",
     "config",
-    "shards",
+    "shard_table",
     "header",
 )
 """Every key a v3 manifest holds. One that is missing is refused, never read as "nothing to check"."""
@@ -59,8 +60,9 @@ def manifest_problems(manifest: dict) -> list[str]:
                 problems.append(f"`{group}` has no size and sha256 for {key}")
     if HEADER not in manifest["metadata"]:
         problems.append(f"`metadata` does not record {HEADER}")
-    if not isinstance(manifest["shards"], list):
-        problems.append("`shards` is not a list of commit records")
+    table = manifest["shard_table"]
+    if not isinstance(table, dict) or table.get("path") != shard_table.FILE or not table.get("sha256"):
+        problems.append(f"`shard_table` does not record {shard_table.FILE} with its size and sha256")
     return problems
 
 
@@ -110,6 +112,9 @@ def counts(store: CacheStore, records: dict) -> dict:
             "logit_positions": sum(r["logit_positions"] for r in recs),
             "teacher_seconds": round(sum(r["seconds"] for r in recs), 3),
         }
+    if records:  # from the first shard's start to the last commit (spans resumes, if any)
+        first = min(r["committed"] - r["seconds"] for r in records.values())
+        out["wall_seconds"] = round(max(r["committed"] for r in records.values()) - first, 3)
     for f in store.fields():
         stored = sum(r["files"][f.name]["bytes"] for r in records.values())
         raw = sum(f.row_bytes * (r["rows"][1] - r["rows"][0]) for r in records.values())
@@ -122,8 +127,13 @@ def missing_shards(store: CacheStore, records: dict) -> list[str]:
 
 
 def build_manifest(store: CacheStore, records: dict, config: dict, versions: dict) -> dict:
-    """The manifest of a cache whose every shard is committed (`records`)."""
+    """The manifest of a cache whose every shard is committed (`records`, read by
+    `store.committed()`, which also keeps their digests); writes the shard table first."""
     header = store.header
+    fields = [f.name for f in store.fields()]
+    table = shard_table.to_bytes(shard_table.build(store.layouts(), fields, records, store.record_digests))
+    store.storage.write_bytes(shard_table.FILE, table)
+    table_record = {"path": shard_table.FILE, "bytes": len(table), "sha256": hashlib.sha256(table).hexdigest()}
     return {
         **{k: header[k] for k in (*HEADER_KEYS, "created")},
         "completed": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -133,6 +143,6 @@ def build_manifest(store: CacheStore, records: dict, config: dict, versions: dic
         "counts": counts(store, records),
         "versions": {**versions, "python": platform.python_version()},
         "config": config,
-        "shards": [records[k] for k in sorted(records)],
+        "shard_table": table_record,
         "header": header,  # the header as written: `verify --repair` restores a torn one from it
     }

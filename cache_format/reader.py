@@ -23,11 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cache_format import shard_table
 from cache_format.chunks import EMPTY, ChunkError, ChunkLayout, decode_chunk, decode_crcs, parse_index, parse_layout
 from cache_format.head import load_head
 from cache_format.lock import ReaderLease
-from cache_format.manifest import HEADER_KEYS, fingerprint, manifest_problems
+from cache_format.manifest import manifest_problems
 from cache_format.mirror import ShardMirror
+from cache_format.open_checks import check_open
 from cache_format.settings import (
     DEFAULT_CACHE_DIR,
     CacheSettings,
@@ -94,18 +96,19 @@ class CacheReader:
             self.fields = {f.name: f for f in self.store.fields()}
             self.layouts = self.store.layouts()
         except (KeyError, TypeError, ValueError) as exc:
-            raise self._damaged(f"{HEADER} does not describe a layout ({exc})") from None
-        self._chunks = {
+            raise self.damaged(f"{HEADER} does not describe a layout ({exc})") from None
+        self.chunk_layouts = {
             (s, f.name): chunk_layout(f, lay) for s, lay in self.layouts.items() for f in self.fields.values()
         }
-        self._records: dict[tuple[str, int], dict] = {}
+        self.table_rows = shard_table.offsets(self.layouts)
+        self._records: OrderedDict[tuple[str, int], dict] = OrderedDict()
         if self.manifest is not None:
             problems = manifest_problems(self.manifest)
             if problems:
-                raise self._damaged(f"{MANIFEST} {problems[0]}")
-            self._records = self._shard_records(strict=check)
-        if check and self.manifest is not None:
-            self._check_open()
+                raise self.damaged(f"{MANIFEST} {problems[0]}")
+            self.table = self._load_table()
+            if check:
+                check_open(self)
         self.settings = self._settings()
         self.mirror = None
         self._data: Storage = self.storage
@@ -136,74 +139,58 @@ class CacheReader:
 
     # -- checks --------------------------------------------------------------------------
 
-    def _damaged(self, what: str) -> CacheError:
+    def damaged(self, what: str) -> CacheError:
         return CacheError(
             f"{self.url}: {what}; run `pipeline verify {self.url}` (and `--repair`, then rerun cache-teacher)"
         )
 
-    def _shard_records(self, strict: bool) -> dict[tuple[str, int], dict]:
-        """(split, shard) -> commit record, from the manifest; a record that names another place,
-        cache or layout is refused (`strict`) or left out (then reading that shard is refused)."""
-        out = {}
-        fields = list(self.fields.values())
-        for record in self.manifest["shards"]:
-            problem = record_problem(record, self.header["fingerprint"], self.layouts, fields)
-            if problem is None and (record["split"], record["shard"]) in out:
-                problem = f"repeats {record['split']} shard {record['shard']:05d}"
-            if problem is None:
-                out[(record["split"], record["shard"])] = record
-            elif strict:
-                raise self._damaged(f"{MANIFEST}: a shard record {problem}")
-        return out
+    def _load_table(self) -> np.ndarray:
+        meta = self.manifest["shard_table"]
+        try:
+            blob = self.storage.read_bytes(meta["path"])
+        except FileNotFoundError:
+            raise self.damaged(f"{meta['path']} (the shard table) is missing") from None
+        if len(blob) != meta["bytes"] or _sha256(blob) != meta["sha256"]:
+            raise self.damaged(f"{meta['path']} (the shard table) differs from the manifest's record")
+        try:
+            return shard_table.from_bytes(blob, sum(lay.shards for lay in self.layouts.values()), len(self.fields))
+        except ValueError as exc:
+            raise self.damaged(f"{meta['path']} does not fit the layout ({exc})") from None
 
-    def _check_open(self) -> None:
-        m = self.manifest
-        for key in HEADER_KEYS:
-            if self.header.get(key) != m.get(key):
-                raise self._damaged(f"{HEADER} and {MANIFEST} disagree on `{key}` (one of them was edited)")
-        if fingerprint(self.header["identity"]) != self.header["fingerprint"]:
-            raise self._damaged(f"the identity in {HEADER} does not hash to its fingerprint (it was edited)")
-        sizes = self.storage.sizes(DATA)  # one listing, not a request per file
-        listed = {HEADER} | {k for k in sizes if k.endswith("zarr.json")}
-        unrecorded = sorted(listed - set(m["metadata"]))
-        if unrecorded:
-            raise self._damaged(f"{unrecorded[0]} is not recorded in {MANIFEST} (added, or the record was removed)")
-        for key, meta in m["metadata"].items():
-            blob = self.storage.read_bytes(key) if self.storage.exists(key) else None
-            if blob is None or len(blob) != meta["bytes"] or _sha256(blob) != meta["sha256"]:
-                raise self._damaged(f"{key} differs from the manifest's record (edited or damaged)")
-            if key.endswith("zarr.json") and key.count("/") == 3:  # data.zarr/<split>/<field>/zarr.json
-                self._check_array_metadata(key, blob)
+    def records(self) -> Iterator[dict]:
+        """Every shard's commit record, in table order (each read and checked as `record` does)."""
         for split, lay in self.layouts.items():
             for shard in range(lay.shards):
-                for name in self.fields:
-                    self._check_shard_file(split, name, shard, sizes)
+                yield self.record(split, shard)
 
-    def _check_array_metadata(self, key: str, blob: bytes) -> None:
-        _, split, name, _ = key.split("/")
+    def record(self, split: str, shard: int) -> dict:
+        """The commit record of one shard, read on first use (bounded LRU) and refused unless it
+        hashes to its shard-table row and names this cache, this place and the listed sizes."""
+        key = (split, shard)
+        record = self._records.get(key)
+        if record is not None:
+            self._records.move_to_end(key)
+            return record
+        if self.manifest is None:
+            raise CacheError(f"{self.url} is incomplete (no {MANIFEST}); its shard records are not final")
+        path = self.store.commit_key(split, shard)
         try:
-            stored = parse_layout(json.loads(blob))
-        except (ChunkError, KeyError, TypeError, ValueError) as exc:
-            raise self._damaged(f"{key} describes a layout this reader does not write ({exc})") from None
-        if (split, name) in self._chunks and stored != self._chunks[(split, name)]:
-            raise self._damaged(f"{key} disagrees with {HEADER} on how {split}/{name} is stored")
-
-    def _record(self, split: str, shard: int) -> dict:
-        record = self._records.get((split, shard))
-        if record is None:
-            raise self._damaged(f"{split} shard {shard:05d} has no valid record in the manifest")
-        return record
-
-    def _check_shard_file(self, split: str, name: str, shard: int, sizes: dict[str, int]) -> None:
-        meta = self._record(split, shard)["files"][name]
-        size = sizes.get(meta["path"])
-        if size is None:
-            raise self._damaged(f"{split} shard {shard:05d}: the {name} file is missing ({meta['path']})")
-        if size != meta["bytes"]:
-            recorded = meta["bytes"]
-            raise self._damaged(
-                f"{split} shard {shard:05d}: the {name} file has {size} bytes, {recorded} recorded ({meta['path']})"
+            blob = self.storage.read_bytes(path)
+        except FileNotFoundError:
+            raise self.damaged(f"{split} shard {shard:05d} has no commit record ({path})") from None
+        row = self.table[self.table_rows[split] + shard]
+        if _sha256(blob) != bytes(row["record_sha256"]).hex():
+            raise self.damaged(
+                f"{path} differs from the manifest's shard table (edited, swapped or from another cache)"
             )
+        record = json.loads(blob)
+        problem = record_problem(record, self.header["fingerprint"], self.layouts, list(self.fields.values()))
+        if problem is not None:
+            raise self.damaged(f"{path} {problem}")
+        self._records[key] = record
+        if len(self._records) > INDEX_CACHE:
+            self._records.popitem(last=False)
+        return record
 
     # -- typed settings ------------------------------------------------------------------
 
@@ -223,7 +210,7 @@ class CacheReader:
                 splits=list(self.layouts),
             )
         except (ConfigError, KeyError, TypeError) as exc:
-            raise self._damaged(f"its settings do not load ({exc})") from None
+            raise self.damaged(f"its settings do not load ({exc})") from None
 
     # -- teacher files -------------------------------------------------------------------
 
@@ -246,7 +233,7 @@ class CacheReader:
                 shutil.rmtree(directory, ignore_errors=True)
                 problem = self._teacher_problem(self.storage.download(TEACHER_DIR, directory))
         if problem is not None:
-            raise self._damaged(problem)
+            raise self.damaged(problem)
         self._teacher_dir = directory
         return directory
 
@@ -278,7 +265,7 @@ class CacheReader:
         meta = (self.manifest or {}).get("teacher_files", {}).get(key)
         blob = self.storage.read_bytes(key) if meta is not None and self.storage.exists(key) else None
         if blob is None or _sha256(blob) != meta["sha256"]:
-            raise self._damaged(f"{key} is missing or differs from the manifest's record")
+            raise self.damaged(f"{key} is missing or differs from the manifest's record")
         layout = parse_layout(json.loads(self.storage.read_bytes(f"{DATA}/token_counts/zarr.json")))
         crc = int.from_bytes(blob[-4:], "little")
         return decode_chunk(blob, layout, crc)
@@ -300,9 +287,9 @@ class CacheReader:
 
     def _chunk(self, split: str, name: str, chunk: int) -> np.ndarray:
         """One field's inner chunk `chunk` of `split`, decoded, CRC-checked and bound to its place."""
-        layout = self._chunks[(split, name)]
+        layout = self.chunk_layouts[(split, name)]
         shard, j = divmod(chunk, layout.chunks_per_shard)
-        meta = self._record(split, shard)["files"][name]
+        meta = self.record(split, shard)["files"][name]
         where = f"{split} shard {shard:05d}: the {name}"
         try:
             if self.mirror is not None:
@@ -315,9 +302,9 @@ class CacheReader:
                 raise ChunkError("file is truncated")
             return decode_chunk(raw, layout, int(decode_crcs(meta["chunk_crc32c"])[j]))
         except FileNotFoundError:
-            raise self._damaged(f"{where} file is missing ({meta['path']}; deleted while being read?)") from None
+            raise self.damaged(f"{where} file is missing ({meta['path']}; deleted while being read?)") from None
         except ChunkError as exc:
-            raise self._damaged(f"{where} data is {exc}") from None
+            raise self.damaged(f"{where} data is {exc}") from None
 
     def _index(self, split: str, name: str, shard: int, meta: dict, layout: ChunkLayout) -> np.ndarray:
         """The shard file's index of inner chunks (read once per process, bounded LRU)."""
@@ -341,7 +328,7 @@ class CacheReader:
             return
         lay = self.layouts[split]
         shards = sorted({b * lay.block_rows // lay.shard_rows for b in blocks})
-        files = [self._record(split, s)["files"][n] for s in shards for n in names]
+        files = [self.record(split, s)["files"][n] for s in shards for n in names]
         self.mirror.prefetch([(m["path"], m["bytes"], m["sha256"]) for m in files])
 
     def read_block(self, split: str, block: int, names: list[str] | None = None) -> dict[str, np.ndarray]:

@@ -119,15 +119,17 @@ class LocalStorage:
         return sorted(self.sizes(prefix))
 
     def sizes(self, prefix: str = "") -> dict[str, int]:
-        """Key -> bytes of every file under `prefix` (one walk); a symlink that leads out of the
-        cache is refused, one that stays inside is listed as what it points to."""
-        base = self._path(prefix)
-        out: dict[str, int] = {}
-        if base.is_dir():
-            self._walk(base, os.path.realpath(self.root), out, set())
-        return out
+        """Key -> bytes of every file under `prefix` (one walk)."""
+        return dict(self.iter_sizes(prefix))
 
-    def _walk(self, directory: Path, root: str, out: dict[str, int], seen: set[str]) -> None:
+    def iter_sizes(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        """(key, bytes) of every file under `prefix`, streamed (nothing held per file); a symlink
+        that leads out of the cache is refused, one that stays inside is listed as what it points to."""
+        base = self._path(prefix)
+        if base.is_dir():
+            yield from self._walk(base, os.path.realpath(self.root), set())
+
+    def _walk(self, directory: Path, root: str, seen: set[str]) -> Iterator[tuple[str, int]]:
         seen.add(os.path.realpath(directory))
         with os.scandir(directory) as entries:
             for entry in entries:
@@ -143,9 +145,9 @@ class LocalStorage:
                     if real in seen:
                         continue
                 if entry.is_dir():
-                    self._walk(path, root, out, seen)
+                    yield from self._walk(path, root, seen)
                 elif entry.is_file():
-                    out[str(path.relative_to(self.root))] = entry.stat().st_size
+                    yield str(path.relative_to(self.root)), entry.stat().st_size
 
     def sha256(self, key: str) -> str:
         """Streamed hash of the file at `key`."""
@@ -257,9 +259,15 @@ class ObjectStorage:
 
     def sizes(self, prefix: str = "") -> dict[str, int]:
         """Key -> bytes of every object under `prefix` (one paginated listing, no HEAD per object)."""
+        return dict(self.iter_sizes(prefix))
+
+    def iter_sizes(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        """(key, bytes) of every object under `prefix`, page by page (1,000 objects a request)."""
         prefix = prefix.rstrip("/")
-        out = {m["path"]: int(m["size"]) for page in obstore.list(self._store, prefix=prefix or None) for m in page}
-        return {k: v for k, v in out.items() if not prefix or k == prefix or k.startswith(prefix + "/")}
+        for page in obstore.list(self._store, prefix=prefix or None):
+            for m in page:
+                if not prefix or m["path"] == prefix or m["path"].startswith(prefix + "/"):
+                    yield m["path"], int(m["size"])
 
     def sha256(self, key: str) -> str:
         """Streamed: the object is hashed as it arrives, never held whole."""

@@ -63,6 +63,11 @@ _BLOSC: dict[str, BloscCodec | None] = {
 _ARRAY_CONFIG = {"write_empty_chunks": True}
 
 
+def blosc_for(codec: str) -> BloscCodec | None:
+    """The Blosc codec of a field's codec name (None: stored raw)."""
+    return _BLOSC[codec]
+
+
 def compressors(codec: str) -> list:
     """The byte codecs of a field's inner chunks: its compressor (if any), then a CRC32C."""
     blosc = _BLOSC[codec]
@@ -227,13 +232,14 @@ class CacheStore:
         """Every valid commit record by (split, shard). A record that is torn, belongs to another
         cache or names another place than its own file is an error (`strict`), or is left out
         (its shard counts as not committed; `bad_records` names it)."""
-        out, self.bad_records = {}, {}
+        out, self.bad_records, self.record_digests = {}, {}, {}
         fingerprint, layouts, fields = self.header["fingerprint"], self.layouts(), self.fields()
         for key in self.storage.list(COMMITS):
             if not key.endswith(".json"):
                 continue
+            blob = self.storage.read_bytes(key)
             try:
-                record = json.loads(self.storage.read_bytes(key))
+                record = json.loads(blob)
             except (ValueError, UnicodeDecodeError):
                 problem = "is torn (not valid JSON)"
             else:
@@ -242,14 +248,25 @@ class CacheStore:
                     problem = f"describes {record['split']} shard {record['shard']:05d}, not its own file's shard"
             if problem is None:
                 out[(record["split"], record["shard"])] = record
+                self.record_digests[(record["split"], record["shard"])] = hashlib.sha256(blob).hexdigest()
             elif strict:
                 raise CacheError(f"{self.url}/{key} {problem}; run `pipeline verify --repair {self.url}`")
             else:
                 self.bad_records[key] = problem
         return out
 
+    def committed_names(self) -> set[tuple[str, int]]:
+        """(split, shard) of every commit record, from the listing alone (a resume reads no record:
+        its cost grows with what is left to do, not with what is done; finalize checks them all)."""
+        out = set()
+        for key in self.storage.list(COMMITS):
+            split, _, shard = key.removeprefix(f"{COMMITS}/").removesuffix(".json").rpartition("-")
+            if key.endswith(".json") and shard.isdigit():
+                out.add((split, int(shard)))
+        return out
+
     def pending(self) -> list[tuple[str, int]]:
-        done = self.committed(strict=False)
+        done = self.committed_names()
         return [(name, s) for name, lay in self.layouts().items() for s in range(lay.shards) if (name, s) not in done]
 
     def write_shard(

@@ -2,7 +2,7 @@
 
 Checked: every shard file against its commit record (size, sha256, each inner chunk's CRC32C),
 each commit record against its own place (split, shard, fingerprint, the layout's file paths)
-and against the manifest, the manifest against the format (every required record present), the
+and against its row of the manifest's shard table, the manifest against the format (every required record present), the
 header against the manifest and its fingerprint, and every other file the manifest records
 (cache.json, each zarr.json, the teacher files, token_counts) with nothing unrecorded beside
 them. A torn (unparsable) header, manifest or commit record is named like any other damage.
@@ -17,9 +17,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm import tqdm
+
+from cache_format import shard_table
 from cache_format.chunks import ChunkError, chunk_crcs, encode_crcs
 from cache_format.manifest import HEADER_KEYS, fingerprint, manifest_problems
 from cache_format.storage import Storage, open_storage, safe_key
@@ -35,7 +41,6 @@ from cache_format.store import (
     chunk_layout,
     chunks_in,
     json_or_torn,
-    record_problem,
 )
 from pipeline.errors import CacheError
 
@@ -54,6 +59,8 @@ class Report:
     """The header's bytes as the manifest keeps them, when the header itself is torn."""
     shards: int = 0
     bytes: int = 0
+    seconds: float = 0.0
+    """Time spent checking the shard files (their bytes / seconds is the verify speed)."""
 
     def shard(self, split: str, shard: int, what: str) -> None:
         self.problems.append(f"shard {split}-{shard:05d}: {what}")
@@ -180,43 +187,67 @@ def _check_manifest(store: CacheStore, manifest: dict, committed: dict, report: 
                     report.torn_manifest = True
             else:
                 report.bytes += meta["bytes"]
-    records = {}
-    for record in manifest["shards"]:
-        problem = record_problem(record, header["fingerprint"], store.layouts(), store.fields())
-        if problem:
-            report.problems.append(f"{MANIFEST}: a shard record {problem}")
-            report.torn_manifest = True
-            continue
-        key = (record["split"], record["shard"])
-        records[key] = record
-        if committed.get(key) != record:
-            what = "no commit record" if key not in committed else "its commit record disagrees with the manifest"
-            report.shard(*key, f"{what} ({COMMITS}/)")
-    return records
+    table = _table(store, manifest["shard_table"], report)
+    if table is None:
+        return committed
+    rows = shard_table.offsets(store.layouts())
+    for split, shard in committed:
+        recorded = bytes(table[rows[split] + shard]["record_sha256"]).hex()
+        if store.record_digests[(split, shard)] != recorded:
+            report.shard(split, shard, f"its commit record differs from the manifest's shard table ({COMMITS}/)")
+    return committed
 
 
-def _check_shards(store: CacheStore, records: dict, report: Report) -> None:
+def _table(store: CacheStore, meta: dict, report: Report):
+    """The shard table, or None (then reported, and the manifest is removed by repair)."""
+    problem = _file_problem(store.storage, meta["path"], meta)
+    if problem is None:
+        rows = sum(lay.shards for lay in store.layouts().values())
+        try:
+            return shard_table.from_bytes(store.storage.read_bytes(meta["path"]), rows, len(store.fields()))
+        except ValueError as exc:
+            problem = f"does not fit the layout ({exc})"
+    report.problems.append(f"{meta['path']} (the shard table): {problem}")
+    report.torn_manifest = True
+    return None
+
+
+def _check_shards(store: CacheStore, records: dict, report: Report, threads: int | None = None) -> None:
+    """Every shard's files, on a thread per core (hashing releases the GIL), with a progress bar."""
     fields = store.fields()
     known = {
         m["sha256"]: f"{r['split']} shard {r['shard']:05d} ({name})"
         for r in records.values()
         for name, m in r["files"].items()
     }
-    for split, lay in store.layouts().items():
-        for shard in range(lay.shards):
-            record = records.get((split, shard))
-            if record is None:
+    total = sum(m["bytes"] for r in records.values() for m in r["files"].values())
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=None, mininterval=1.0)
+
+    def check(split: str, shard: int) -> list[tuple[str, str | None, int]]:
+        record, lay = records[(split, shard)], store.layouts()[split]
+        out = []
+        for f in fields:
+            meta = record["files"][f.name]
+            layout, n = chunk_layout(f, lay), chunks_in(lay, shard)
+            out.append((f.name, _file_problem(store.storage, meta["path"], meta, layout, n, known), meta["bytes"]))
+            bar.update(meta["bytes"])
+        return out
+
+    start = time.perf_counter()
+    places = [(split, shard) for split, lay in store.layouts().items() for shard in range(lay.shards)]
+    with bar, ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
+        results = pool.map(lambda p: check(*p) if p in records else None, places)
+        for (split, shard), result in zip(places, results, strict=True):
+            if result is None:
                 report.shard(split, shard, "missing (never committed)")
                 continue
-            for f in fields:
-                meta = record["files"][f.name]
-                layout, n = chunk_layout(f, lay), chunks_in(lay, shard)
-                problem = _file_problem(store.storage, meta["path"], meta, layout, n, known)
+            for name, problem, nbytes in result:
                 if problem:
-                    report.shard(split, shard, f"{f.name} {problem}")
+                    report.shard(split, shard, f"{name} {problem}")
                 else:
-                    report.bytes += meta["bytes"]
+                    report.bytes += nbytes
             report.shards += 1
+    report.seconds = time.perf_counter() - start
 
 
 def repair(location: str | Path, report: Report, storage_options: dict | None = None) -> str:

@@ -29,6 +29,7 @@ for command in (
     stage_one.cache_teacher,
     stage_one.verify,
     stage_one.inspect,
+    stage_one.plan,
     stage_two.train_student,
     stage_two.evaluate,
     stage_two.ablate,

@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cache_format.encode import decode_hidden, decode_values
 from cache_format.kd_modes import BASE_FIELDS, HIDDEN_FIELDS, KDMode
 from cache_format.layout import SplitLayout
 from cache_format.reader import CacheReader
@@ -140,25 +139,80 @@ class GroupDataset(Dataset):
         data = {n: np.concatenate([p[n] for p in parts]) for n in names}
         keep = np.flatnonzero(data["view"] == plan.view)
         keep = keep[permutation(derive_seed(self.seed, epoch, stream, group), STREAM_ROWS, len(keep))]
-        return self._decode({n: data[n][keep] for n in names}, reader.settings)
+        return self._stored({n: data[n][keep] for n in names})
 
-    def _decode(self, d: dict[str, np.ndarray], settings: CacheSettings) -> dict[str, torch.Tensor]:
-        out = {n: torch.from_numpy(d[n].astype(np.int64)) for n in BASE_FIELDS}
+    def _stored(self, d: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """The rows as tensors of their stored dtypes (a quarter of the bytes of decoded ones, and
+        no float conversion here): `to_device` decodes them inside the training step."""
+        out = {n: torch.from_numpy(np.ascontiguousarray(d[n])) for n in (*BASE_FIELDS, *self.fields.teacher)}
         k = self.fields.topk_limit
-        for name in self.fields.teacher:
-            if name == "topk_values":
-                out[name] = decode_values(np.ascontiguousarray(d[name][..., :k]), settings.outputs.logits_dtype)
-            elif name == "topk_indices":
-                out[name] = torch.from_numpy(d[name][..., :k].astype(np.int64))
-            elif name == "logsumexp":  # the column of the KD temperature
-                out[name] = torch.from_numpy(np.ascontiguousarray(d[name][..., self.fields.lse_column]))
-            elif name == "sample_ids":
-                out[name] = torch.from_numpy(d[name].astype(np.int64))
-            elif name == "sample_counts":
-                out[name] = torch.from_numpy(d[name].astype(np.float32))
-            elif name == "hidden":
-                out[name] = decode_hidden(d[name], d.get("hidden_scale"), settings.outputs.hidden_dtype)
+        for name in ("topk_values", "topk_indices"):
+            if name in out and k is not None:
+                out[name] = torch.from_numpy(np.ascontiguousarray(d[name][..., :k]))
+        if "logsumexp" in out:  # the column of the KD temperature
+            out["logsumexp"] = torch.from_numpy(np.ascontiguousarray(d["logsumexp"][..., self.fields.lse_column]))
+        for name, value in out.items():
+            if value.dtype == torch.uint16 and name == "topk_values":  # bfloat16 bits
+                out[name] = value.view(torch.int16)
         return out
+
+
+def to_device(batch: dict[str, torch.Tensor], settings: CacheSettings, device: torch.device) -> dict[str, torch.Tensor]:
+    """A micro-batch in its stored dtypes -> the model's inputs and the teacher's decoded fields, on
+    `device`: copied there first (int8 codes, fp16 scales, uint16 ids: the fewest bytes), decoded
+    there, inside the step. The arithmetic is `cache_format.encode`'s, so CPU results are bit for
+    bit those of decoding on the host."""
+    b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    out = {n: b[n].long() for n in BASE_FIELDS}
+    if "hidden" in b:
+        hidden = b["hidden"]
+        if settings.outputs.hidden_dtype == "int8":
+            out["hidden"] = hidden.float() * b["hidden_scale"].float().unsqueeze(-1)
+        else:
+            out["hidden"] = hidden.float()
+    if "topk_values" in b:
+        values = b["topk_values"]
+        out["topk_values"] = values.view(torch.bfloat16).float() if values.dtype == torch.int16 else values.float()
+    for name in ("topk_indices", "sample_ids"):
+        if name in b:
+            out[name] = b[name].long()
+    if "sample_counts" in b:
+        out["sample_counts"] = b["sample_counts"].float()
+    if "logsumexp" in b:
+        out["logsumexp"] = b["logsumexp"]
+    return out
+
+
+class DevicePrefetch:
+    """The next micro-batch copied to the GPU while the current one trains (pinned host memory, a
+    side stream); on a CPU the batches pass through."""
+
+    def __init__(self, batches, device: torch.device):
+        self.batches, self.device = iter(batches), device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.ahead = self._fetch() if self.stream is not None else None
+
+    def _fetch(self) -> dict[str, torch.Tensor] | None:
+        batch = next(self.batches, None)
+        if batch is None:
+            return None
+        with torch.cuda.stream(self.stream):
+            return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def __iter__(self) -> DevicePrefetch:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self.stream is None:
+            return next(self.batches)
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        batch = self.ahead
+        if batch is None:
+            raise StopIteration
+        for value in batch.values():
+            value.record_stream(torch.cuda.current_stream(self.device))
+        self.ahead = self._fetch()
+        return batch
 
 
 class CacheBatches:

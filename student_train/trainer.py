@@ -38,7 +38,7 @@ from pipeline.versions import library_versions
 from student_train import checkpoint, ds_config, losses
 from student_train.checks import check_cache, kd_mode_advice
 from student_train.config import TrainConfig, reader_options
-from student_train.data import CacheBatches, FieldSelection
+from student_train.data import CacheBatches, DevicePrefetch, FieldSelection, to_device
 from student_train.evaluate import evaluate, load_rows, table
 from student_train.export import export_student
 from student_train.metrics import MetricsLog, StepStats
@@ -196,7 +196,7 @@ class Trainer:
         cfg, accum = self.cfg, self.cfg.data.grad_accum_steps
         alphas = (cfg.loss.alpha_ce, cfg.loss.alpha_mlm, cfg.loss.alpha_cos)
         stats = StepStats(self.total_steps, alphas, start_step=self.step)
-        batches = iter(self.batches)
+        batches = DevicePrefetch(self.batches, self.device)
         tty = self.rank == 0 and os.isatty(2)
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", disable=not tty, desc="train-student")
         self.engine.train()
@@ -241,7 +241,7 @@ class Trainer:
     def _loss_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss of one micro-batch (normalised by global counts) and its (kd, mlm, cos, counts...) sums."""
         lcfg = self.cfg.loss
-        b = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        b = to_device(batch, self.reader.settings, self.device)  # decoded here, inside the step
         ids, labels = b["input_ids"], b["labels"]
         valid = valid_positions(b["lengths"], ids.shape[1])
         masked = labels != losses.IGNORE_INDEX

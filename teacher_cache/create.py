@@ -103,10 +103,6 @@ def _resume(store: CacheStore, header: dict, header_torn: bool) -> str:
     elif manifest is not None:
         return "complete"
     storage.remove_partials()  # temp files of a killed writer (we hold the lock: none is running)
-    store.committed(strict=False)
-    for key, problem in store.bad_records.items():
-        log.warning("%s/%s %s: its shard is recomputed", storage.url, key, problem)
-        storage.delete(key)
     return "resume"
 
 
@@ -195,7 +191,10 @@ def finalize(cfg: CacheConfig, store: CacheStore, fence: Callable[[], None] | No
     is refused rather than recorded."""
     if store.manifest is not None:
         return True
-    records = store.committed(strict=False)
+    records = store.committed(strict=False)  # every record, read once, here only
+    for key, problem in store.bad_records.items():  # torn or foreign: its shard is captured again
+        log.warning("%s/%s %s: removed; rerun to capture that shard again", store.url, key, problem)
+        store.storage.delete(key)
     if missing_shards(store, records):
         return False
     _check_array_metadata(store)

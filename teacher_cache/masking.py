@@ -16,9 +16,14 @@ from cache_format.rng import STREAM_ACTION, STREAM_RANDOM, STREAM_SELECT, unifor
 from cache_format.settings import IGNORE_INDEX
 
 
-def token_counts(sequences: np.ndarray, vocab_size: int) -> np.ndarray:
-    """Occurrences of every token id in a (N, L) corpus array (int64, length vocab_size)."""
-    return np.bincount(np.asarray(sequences).ravel(), minlength=vocab_size).astype(np.int64)
+def token_counts(sequences: np.ndarray, vocab_size: int, rows: int = 65_536) -> np.ndarray:
+    """Occurrences of every token id in a (N, L) corpus array (int64, length vocab_size), counted
+    `rows` rows at a time: a memory-mapped corpus is never widened to int64 whole."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for a in range(0, len(sequences), rows):
+        block = np.asarray(sequences[a : a + rows]).ravel()
+        counts += np.bincount(block, minlength=vocab_size)[:vocab_size]
+    return counts
 
 
 def selection_weights(

@@ -11,6 +11,7 @@ import numpy as np
 from cache_format.head import find_head
 from cache_format.layout import FieldSpec, SplitLayout, field_specs, shard_rows_for
 from cache_format.manifest import make_header
+from cache_format.settings import OutputsConfig
 from cache_format.store import FORMAT_VERSION
 from pipeline.config import to_dict
 from pipeline.errors import TeacherError
@@ -34,13 +35,14 @@ class CachePlan:
         return self.header["fingerprint"]
 
 
-def build_plan(cfg: CacheConfig, teacher: Teacher, corpus: PackedCorpus) -> CachePlan:
-    out = cfg.outputs
+def plan_fields(cfg: CacheConfig, teacher: Teacher, outputs: OutputsConfig | None = None) -> list[FieldSpec]:
+    """The fields a cache of `cfg` (or of other `outputs`) stores for this teacher."""
+    out = outputs or cfg.outputs
     # every id that can be stored: the tokenizer's, and the model's (random replacement tokens,
     # top-k and sampled ids range over its vocabulary, which may be larger)
     largest_id = max(teacher.vocab_size, len(teacher.tokenizer)) - 1
     ids_dtype = "uint16" if largest_id <= np.iinfo(np.uint16).max else "int32"
-    fields = field_specs(
+    return field_specs(
         cfg.corpus.max_seq_len,
         out.k,
         len(out.temperatures),
@@ -51,16 +53,24 @@ def build_plan(cfg: CacheConfig, teacher: Teacher, corpus: PackedCorpus) -> Cach
         out.logits,
         out.n_samples,
     )
+
+
+def plan_layouts(cfg: CacheConfig, fields: list[FieldSpec], packed: dict[str, int]) -> dict[str, SplitLayout]:
+    """Rows and shards of each split, from the packed sequences each has (`packed`)."""
     layouts = {}
-    for name, packed, limit, views in (
-        ("train", corpus.train, cfg.max_sequences, cfg.masking.views),
-        ("eval", corpus.eval, cfg.max_eval_sequences, 1),
-    ):
-        if packed is None or len(packed.ids) == 0:
+    for name, limit, views in (("train", cfg.max_sequences, cfg.masking.views), ("eval", cfg.max_eval_sequences, 1)):
+        if not packed.get(name):
             continue
-        n = len(packed.ids) if limit is None else min(limit, len(packed.ids))
+        n = packed[name] if limit is None else min(limit, packed[name])
         shard_rows = cfg.store.shard_rows or shard_rows_for(fields, cfg.store.block_rows, cfg.store.shard_mb, n * views)
         layouts[name] = SplitLayout(name, n, views, cfg.store.block_rows, shard_rows)
+    return layouts
+
+
+def build_plan(cfg: CacheConfig, teacher: Teacher, corpus: PackedCorpus) -> CachePlan:
+    fields = plan_fields(cfg, teacher)
+    packed = {n: len(split.ids) for n, split in (("train", corpus.train), ("eval", corpus.eval)) if split is not None}
+    layouts = plan_layouts(cfg, fields, packed)
     identity = {
         "format_version": FORMAT_VERSION,
         "teacher": {

@@ -43,7 +43,7 @@ def summary(store: CacheStore) -> str:
     splits = m["counts"]["splits"]
     tokens = sum(s["tokens"] for s in splits.values())
     positions = sum(s["logit_positions"] for s in splits.values())
-    seconds = _wall_seconds(m)
+    seconds = m["counts"].get("wall_seconds", 0.0)
     total = sum(f["bytes"] for f in m["counts"]["fields"].values())
     full = positions * m["teacher"]["vocab_size"] * 4
     lines = [
@@ -62,13 +62,6 @@ def summary(store: CacheStore) -> str:
         "  teacher-logit bytes per token by KD mode: " + ", ".join(f"{mode} {b:,.1f}" for mode, b in storage_by_mode(m))
     )
     return "\n".join(lines)
-
-
-def _wall_seconds(manifest: dict) -> float:
-    """From the first shard's start to the last commit (spans resumes, if any)."""
-    shards = manifest["shards"]
-    first = min(s["committed"] - s["seconds"] for s in shards)
-    return max(s["committed"] for s in shards) - first
 
 
 @torch.no_grad()

@@ -40,7 +40,7 @@ def with_(raw: dict, **changes) -> dict:
 
 
 def shard_hashes(reader: CacheReader) -> dict:
-    return {(r["split"], r["shard"], f): m["sha256"] for r in reader.manifest["shards"] for f, m in r["files"].items()}
+    return {(r["split"], r["shard"], f): m["sha256"] for r in reader.records() for f, m in r["files"].items()}
 
 
 def all_rows(reader: CacheReader, split: str) -> dict:
@@ -253,7 +253,7 @@ def test_verify_finds_flipped_byte_and_missing_shard(cache_cfg):
     reader = build(cache_cfg)
     report = verify_cache(reader.path)
     assert report.problems == [] and report.shards == 11
-    record = next(r for r in reader.manifest["shards"] if (r["split"], r["shard"]) == ("train", 3))
+    record = next(r for r in reader.records() if (r["split"], r["shard"]) == ("train", 3))
     target = reader.path / record["files"]["topk_values"]["path"]
     blob = bytearray(target.read_bytes())
     blob[len(blob) // 2] ^= 0x01

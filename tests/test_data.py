@@ -52,7 +52,7 @@ def test_epochs_walk_the_views_without_repeats(tiny_cache):
     b = out[0]
     for i, (v, seq) in enumerate(rows(b)):
         r = int(np.flatnonzero((data["view"] == v) & (data["sequence_index"] == seq))[0])
-        assert torch.equal(b["input_ids"][i], torch.from_numpy(data["input_ids"][r].astype(np.int64)))
+        assert torch.equal(b["input_ids"][i].long(), torch.from_numpy(data["input_ids"][r].astype(np.int64)))
         assert torch.equal(b["logsumexp"][i], torch.from_numpy(data["logsumexp"][r][..., 1]))
         assert torch.equal(b["hidden"][i], torch.from_numpy(data["hidden"][r]))
 

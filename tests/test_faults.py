@@ -117,7 +117,7 @@ def cache(cache_cfg, tmp_path) -> Path:
 
 
 def shard_file(cache: Path, split: str, shard: int, field: str) -> Path:
-    record = next(r for r in CacheReader(cache).manifest["shards"] if (r["split"], r["shard"]) == (split, shard))
+    record = next(r for r in CacheReader(cache).records() if (r["split"], r["shard"]) == (split, shard))
     return cache / record["files"][field]["path"]
 
 
@@ -209,13 +209,14 @@ def test_verify_repair_recomputes_exactly_the_damaged_shard(cache, cache_cfg, tm
 
 
 def test_verify_refuses_paths_that_leave_the_cache(cache):
-    manifest = json.loads((cache / "manifest.json").read_text())
-    manifest["shards"][0]["files"]["labels"]["path"] = "../../etc/passwd"
-    (cache / "manifest.json").write_text(json.dumps(manifest))
-    problem = "a shard record places the labels file at '../../etc/passwd', the layout at data.zarr/eval/labels/c/0/0"
-    assert f"manifest.json: {problem}" in verify_cache(cache).problems
-    with pytest.raises(DistilcacheError, match=problem):
-        CacheReader(cache)
+    path = cache / "commits" / "eval-00000.json"
+    record = json.loads(path.read_text())
+    record["files"]["labels"]["path"] = "../../etc/passwd"
+    path.write_text(json.dumps(record))
+    problem = "places the labels file at '../../etc/passwd', the layout at data.zarr/eval/labels/c/0/0"
+    assert f"commits/eval-00000.json {problem}" in verify_cache(cache).problems
+    with pytest.raises(DistilcacheError, match=r"commits/eval-00000.json differs from the manifest's shard table"):
+        CacheReader(cache).read_rows("eval", 0, 4, ["labels"])
 
 
 # ----------------------------------------------------------------------------- writers and readers

@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def shard_hashes(path: Path) -> dict:
-    m = CacheReader(path).manifest
-    return {(r["split"], r["shard"], f): v["sha256"] for r in m["shards"] for f, v in r["files"].items()}
+    records = CacheReader(path).records()
+    return {(r["split"], r["shard"], f): v["sha256"] for r in records for f, v in r["files"].items()}
 
 
 def write_config(raw: dict, path: Path) -> Path:
@@ -91,6 +91,6 @@ def test_two_processes_equal_one_process(cache_cfg, tmp_path):
     result = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     out = Path(cache_cfg["store"]["output"])
-    records = CacheReader(out).manifest["shards"]
+    records = list(CacheReader(out).records())
     assert {r["rank"] for r in records} == {0, 1} and {r["world_size"] for r in records} == {2}
     assert shard_hashes(out) == shard_hashes(tmp_path / "single")

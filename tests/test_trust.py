@@ -175,15 +175,15 @@ def test_an_unrecorded_zarr_json_is_refused(cache):
 def test_repair_never_deletes_outside_the_cache_whatever_a_record_names(cache, tmp_path):
     outside = cache.parent / "x-00000.json"  # where commits/../../x-00000.json would land
     outside.write_text("keep me")
-    manifest = json.loads((cache / "manifest.json").read_text())
-    manifest["shards"][0]["split"] = "../../x"
-    (cache / "manifest.json").write_text(json.dumps(manifest))
+    path = cache / "commits" / "train-00000.json"
+    record = json.loads(path.read_text())
+    record["split"] = "../../x"
+    path.write_text(json.dumps(record))
     result = invoke("verify", "--repair", str(cache))
     assert result.exit_code == 0, result.output
-    assert (
-        "FAIL manifest.json: a shard record names the split '../../x', which the cache does not have" in result.output
-    )
-    assert "repaired: removed commits/eval-00000.json, manifest.json" in result.output
+    bad = "FAIL commits/train-00000.json names the split '../../x', which the cache does not have"
+    assert bad in result.output
+    assert "repaired: removed commits/train-00000.json, manifest.json" in result.output
     assert outside.read_text() == "keep me"
 
 

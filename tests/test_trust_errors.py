@@ -93,7 +93,7 @@ def test_an_s3_object_deleted_while_a_run_reads_it_is_one_line(s3, raw, tmp_path
     from student_train.config import reader_options
 
     reader = CacheReader(url, **reader_options(cfg.data))  # opened: every object is there
-    record = next(r for r in reader.manifest["shards"] if (r["split"], r["shard"]) == ("train", 1))
+    record = next(r for r in reader.records() if (r["split"], r["shard"]) == ("train", 1))
     key = record["files"]["hidden"]["path"]
     open_storage(url).delete(key)
     fields = FieldSelection(("hidden",))

@@ -85,7 +85,8 @@ def verify(path: str, repair: bool) -> None:
     for problem in report.problems:
         click.echo(f"FAIL {problem}", err=True)
     if not report.problems:
-        click.echo(f"ok: {report.shards} shards, {report.bytes:,} bytes verified in {path}")
+        rate = report.bytes / max(report.seconds, 1e-9) / 1e9
+        click.echo(f"ok: {report.shards} shards, {report.bytes:,} bytes verified in {path} ({rate:.2f} GB/s)")
         return
     if repair and not report.unrepairable:
         done = verify_mod.repair(path, report)
@@ -120,3 +121,30 @@ def inspect(path: str, sample: int, as_json: bool) -> None:
             click.echo(inspect_text(reader, sample))
     finally:
         reader.close()
+
+
+@click.command("plan")
+@config_options
+@click.option("--tokens", type=float, default=None, help="Corpus size in tokens, instead of counting it (e.g. 3.3e9).")
+@click.option("--pilot-sequences", default=128, show_default=True, help="Sequences the timed pilot captures.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@guard
+def plan(
+    config_path: str | None,
+    overrides: tuple[str, ...],
+    print_config: bool,
+    tokens: float | None,
+    pilot_sequences: int,
+    as_json: bool,
+) -> None:
+    """What a cache-teacher config will cost, without building it (section `cache`): tokens and
+    sequences, shards and objects, bytes per field, per view and in total, the capture time on this
+    device from a timed pilot, and the bytes of the choices that change them."""
+    from teacher_cache.config import CacheConfig
+    from teacher_cache.estimate import plan_text, run_plan
+
+    cfg = resolve(CacheConfig, "cache", config_path, overrides, print_config)
+    if pilot_sequences < 1:
+        raise DistilcacheError(f"--pilot-sequences {pilot_sequences}; give at least 1")
+    result = run_plan(cfg, tokens, pilot_sequences)
+    click.echo(json.dumps(result, indent=2) if as_json else plan_text(result))

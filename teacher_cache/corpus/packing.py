@@ -111,11 +111,14 @@ def _tokenize(docs, tokenizer, num_proc: int, fingerprint: str):
     )
 
 
-def _iter_token_batches(tokenized, batch_docs: int = 10_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _iter_token_batches(
+    tokenized, batch_docs: int = 10_000, ids: bool = True
+) -> Iterator[tuple[np.ndarray | None, np.ndarray]]:
+    """(concatenated ids, document lengths) of `batch_docs` documents at a time (bounded memory)."""
     column = tokenized.data.column("ids")
     for start in range(0, len(tokenized), batch_docs):
         chunk = column.slice(start, batch_docs).combine_chunks()
-        yield chunk.flatten().to_numpy(), chunk.value_lengths().to_numpy()
+        yield (chunk.flatten().to_numpy() if ids else None), chunk.value_lengths().to_numpy()
 
 
 def pack_split(tokenized, tokenizer, length: int, out: Path, name: str) -> PackedSplit:
@@ -130,8 +133,9 @@ def pack_split(tokenized, tokenizer, length: int, out: Path, name: str) -> Packe
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max else np.int32
     packer = Packer(length, prefix, suffix, sep, pad)
-    doc_lengths = tokenized.data.column("ids").combine_chunks().value_lengths().to_numpy()
-    stream = int(doc_lengths.sum()) + (max(len(doc_lengths) - 1, 0) if sep is not None else 0)
+    # the token count, chunk by chunk: combining the column first would copy every id into memory
+    total = sum(int(np.sum(lengths)) for _, lengths in _iter_token_batches(tokenized, ids=False))
+    stream = total + (max(len(tokenized) - 1, 0) if sep is not None else 0)
     n_rows = -(-stream // packer.content)
     ids = np.lib.format.open_memmap(out / f"{name}.npy", mode="w+", dtype=dtype, shape=(n_rows, length))
     row = 0
