@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from cache_format.chunks import ChunkError, parse_layout
 from cache_format.manifest import HEADER_KEYS, fingerprint
 from cache_format.store import DATA, HEADER, MANIFEST, shard_key
 
-if TYPE_CHECKING:
-    from cache_format.reader import CacheReader
 
-
-def check_open(reader: CacheReader) -> None:
+def check_open(reader) -> None:
+    """`reader`: the CacheReader being opened (its header, manifest, table and storage)."""
     m, header = reader.manifest, reader.header
     for key in HEADER_KEYS:
         if header.get(key) != m.get(key):
@@ -40,7 +36,7 @@ def check_open(reader: CacheReader) -> None:
             _check_array_metadata(reader, key, blob)
 
 
-def _check_listing(reader: CacheReader) -> set[str]:
+def _check_listing(reader) -> set[str]:
     """Every shard file listed with the size its table row records; the zarr.json keys found."""
     names = list(reader.fields)
     column = {name: i for i, name in enumerate(names)}
@@ -74,7 +70,7 @@ def _check_listing(reader: CacheReader) -> set[str]:
     return metadata
 
 
-def _check_array_metadata(reader: CacheReader, key: str, blob: bytes) -> None:
+def _check_array_metadata(reader, key: str, blob: bytes) -> None:
     _, split, name, _ = key.split("/")
     try:
         stored = parse_layout(json.loads(blob))
