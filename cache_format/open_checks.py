@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+
 import numpy as np
 
 from cache_format.chunks import ChunkError, parse_layout
