@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
 import time
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from cache_format import shard_table
 from cache_format.head import HEAD_FILE
@@ -98,40 +102,62 @@ def make_header(
     }
 
 
-def counts(store: CacheStore, records: dict) -> dict:
-    """Per split: sequences, rows, tokens, positions with logits, seconds; per field: bytes."""
+@dataclass
+class CommitScan:
+    """One pass over every commit record, nothing kept per shard but a shard-table row: what
+    finalize needs at any shard count (10^5 parsed records would be hundreds of MB)."""
+
+    table: np.ndarray
+    counts: dict
+    bad: dict[str, str] = field(default_factory=dict)
+    """Commit-record files that vouch for no shard, and why."""
+    missing: list[str] = field(default_factory=list)
+
+
+def scan_commits(store: CacheStore) -> CommitScan:
+    layouts, fields = store.layouts(), store.fields()
+    names = [f.name for f in fields]
+    rows = shard_table.offsets(layouts)
+    table = np.zeros(sum(lay.shards for lay in layouts.values()), dtype=shard_table.dtype(len(names)))
+    found = np.zeros(len(table), dtype=bool)
+    splits = {n: {"tokens": 0, "logit_positions": 0, "teacher_seconds": 0.0} for n in layouts}
+    stored = dict.fromkeys(names, 0)
+    first, last, bad = math.inf, -math.inf, {}
+    for key, record, digest, problem in store.iter_committed():
+        if problem is not None:
+            bad[key] = problem
+            continue
+        row = rows[record["split"]] + record["shard"]
+        found[row] = True
+        table[row]["record_sha256"] = np.frombuffer(bytes.fromhex(digest), dtype=np.uint8)
+        table[row]["bytes"] = [record["files"][n]["bytes"] for n in names]
+        split = splits[record["split"]]
+        split["tokens"] += record["tokens"]
+        split["logit_positions"] += record["logit_positions"]
+        split["teacher_seconds"] += record["seconds"]
+        for n in names:
+            stored[n] += record["files"][n]["bytes"]
+        first, last = min(first, record["committed"] - record["seconds"]), max(last, record["committed"])
     out: dict = {"splits": {}, "fields": {}}
-    for name, lay in store.layouts().items():
-        recs = [r for (s, _), r in records.items() if s == name]
-        out["splits"][name] = {
-            "sequences": lay.sequences,
-            "views": lay.views,
-            "rows": lay.rows,
-            "shards": lay.shards,
-            "tokens": sum(r["tokens"] for r in recs),
-            "logit_positions": sum(r["logit_positions"] for r in recs),
-            "teacher_seconds": round(sum(r["seconds"] for r in recs), 3),
-        }
-    if records:  # from the first shard's start to the last commit (spans resumes, if any)
-        first = min(r["committed"] - r["seconds"] for r in records.values())
-        out["wall_seconds"] = round(max(r["committed"] for r in records.values()) - first, 3)
-    for f in store.fields():
-        stored = sum(r["files"][f.name]["bytes"] for r in records.values())
-        raw = sum(f.row_bytes * (r["rows"][1] - r["rows"][0]) for r in records.values())
-        out["fields"][f.name] = {"bytes": stored, "raw_bytes": raw}
-    return out
+    for name, lay in layouts.items():
+        s = splits[name]
+        out["splits"][name] = {"sequences": lay.sequences, "views": lay.views, "rows": lay.rows, "shards": lay.shards,
+                               **s, "teacher_seconds": round(s["teacher_seconds"], 3)}  # fmt: skip
+    if math.isfinite(first):  # from the first shard's start to the last commit (spans resumes, if any)
+        out["wall_seconds"] = round(last - first, 3)
+    rows_total = sum(lay.rows for lay in layouts.values())
+    for f in fields:
+        out["fields"][f.name] = {"bytes": stored[f.name], "raw_bytes": f.row_bytes * rows_total}
+    missing = [
+        f"{split}-{i:05d}" for split, lay in layouts.items() for i in range(lay.shards) if not found[rows[split] + i]
+    ]
+    return CommitScan(table, out, bad, missing)
 
 
-def missing_shards(store: CacheStore, records: dict) -> list[str]:
-    return [f"{s}-{i:05d}" for s, lay in store.layouts().items() for i in range(lay.shards) if (s, i) not in records]
-
-
-def build_manifest(store: CacheStore, records: dict, config: dict, versions: dict) -> dict:
-    """The manifest of a cache whose every shard is committed (`records`, read by
-    `store.committed()`, which also keeps their digests); writes the shard table first."""
+def build_manifest(store: CacheStore, scan: CommitScan, config: dict, versions: dict) -> dict:
+    """The manifest of a cache whose every shard is committed (`scan`); writes the shard table first."""
     header = store.header
-    fields = [f.name for f in store.fields()]
-    table = shard_table.to_bytes(shard_table.build(store.layouts(), fields, records, store.record_digests))
+    table = shard_table.to_bytes(scan.table)
     store.storage.write_bytes(shard_table.FILE, table)
     table_record = {"path": shard_table.FILE, "bytes": len(table), "sha256": hashlib.sha256(table).hexdigest()}
     return {
@@ -140,7 +166,7 @@ def build_manifest(store: CacheStore, records: dict, config: dict, versions: dic
         "head": store.storage.exists(f"{TEACHER_DIR}/{HEAD_FILE}"),
         "teacher_files": store.file_records(store.side_keys()),
         "metadata": store.file_records(store.metadata_keys()),
-        "counts": counts(store, records),
+        "counts": scan.counts,
         "versions": {**versions, "python": platform.python_version()},
         "config": config,
         "shard_table": table_record,

@@ -32,18 +32,6 @@ def offsets(layouts: dict[str, SplitLayout]) -> dict[str, int]:
     return out
 
 
-def build(layouts: dict[str, SplitLayout], fields: list[str], records: dict, digests: dict) -> np.ndarray:
-    """The table of a cache whose every shard is committed: `records` and `digests` (the sha256 of
-    each commit record's bytes) by (split, shard)."""
-    start = offsets(layouts)
-    table = np.zeros(sum(lay.shards for lay in layouts.values()), dtype=dtype(len(fields)))
-    for (split, shard), record in records.items():
-        row = table[start[split] + shard]
-        row["record_sha256"] = np.frombuffer(bytes.fromhex(digests[(split, shard)]), dtype=np.uint8)
-        row["bytes"] = [record["files"][f]["bytes"] for f in fields]
-    return table
-
-
 def to_bytes(table: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, table, allow_pickle=False)

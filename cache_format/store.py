@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import zarr
@@ -228,11 +228,10 @@ class CacheStore:
     def commit_key(split: str, shard: int) -> str:
         return f"{COMMITS}/{split}-{shard:05d}.json"
 
-    def committed(self, strict: bool = True) -> dict[tuple[str, int], dict]:
-        """Every valid commit record by (split, shard). A record that is torn, belongs to another
-        cache or names another place than its own file is an error (`strict`), or is left out
-        (its shard counts as not committed; `bad_records` names it)."""
-        out, self.bad_records, self.record_digests = {}, {}, {}
+    def iter_committed(self) -> Iterator[tuple[str, dict | None, str | None, str | None]]:
+        """(key, record, sha256 of its bytes, problem) of every commit record, one at a time: a
+        record that is torn, belongs to another cache or names another place than its own file comes
+        with its problem and no record."""
         fingerprint, layouts, fields = self.header["fingerprint"], self.layouts(), self.fields()
         for key in self.storage.list(COMMITS):
             if not key.endswith(".json"):
@@ -241,14 +240,21 @@ class CacheStore:
             try:
                 record = json.loads(blob)
             except (ValueError, UnicodeDecodeError):
-                problem = "is torn (not valid JSON)"
-            else:
-                problem = record_problem(record, fingerprint, layouts, fields)
-                if problem is None and self.commit_key(record["split"], record["shard"]) != key:
-                    problem = f"describes {record['split']} shard {record['shard']:05d}, not its own file's shard"
+                yield key, None, None, "is torn (not valid JSON)"
+                continue
+            problem = record_problem(record, fingerprint, layouts, fields)
+            if problem is None and self.commit_key(record["split"], record["shard"]) != key:
+                problem = f"describes {record['split']} shard {record['shard']:05d}, not its own file's shard"
+            yield key, (record if problem is None else None), hashlib.sha256(blob).hexdigest(), problem
+
+    def committed(self, strict: bool = True) -> dict[tuple[str, int], dict]:
+        """Every valid commit record by (split, shard) (`record_digests` keeps their sha256); an
+        invalid one is an error (`strict`), or is left out (`bad_records` names it)."""
+        out, self.bad_records, self.record_digests = {}, {}, {}
+        for key, record, digest, problem in self.iter_committed():
             if problem is None:
                 out[(record["split"], record["shard"])] = record
-                self.record_digests[(record["split"], record["shard"])] = hashlib.sha256(blob).hexdigest()
+                self.record_digests[(record["split"], record["shard"])] = digest
             elif strict:
                 raise CacheError(f"{self.url}/{key} {problem}; run `pipeline verify --repair {self.url}`")
             else:

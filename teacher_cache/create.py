@@ -22,7 +22,7 @@ from safetensors.torch import save as safetensors_bytes
 from cache_format.chunks import ChunkError, parse_layout
 from cache_format.head import HEAD_FILE, find_head, head_state
 from cache_format.lock import WriterLock, live_holders
-from cache_format.manifest import build_manifest, manifest_problems, missing_shards
+from cache_format.manifest import build_manifest, manifest_problems, scan_commits
 from cache_format.storage import LocalStorage, Storage
 from cache_format.store import DATA, HEADER, LOCKS, MANIFEST, TEACHER_DIR, CacheStore, chunk_layout, json_or_torn
 from pipeline.config import identity_diff
@@ -68,7 +68,7 @@ def open_for_capture(storage: Storage, header: dict, overwrite: bool, lock: Writ
                 f"`pipeline verify --repair {storage.url}` to restore it, or pass --overwrite to rebuild the cache"
             )
         manifest, manifest_torn = json_or_torn(storage, MANIFEST)
-        if manifest is not None or manifest_torn or store.committed(strict=False):
+        if manifest is not None or manifest_torn or store.committed_names():
             diff = identity_diff(old.get("identity", {}), header["identity"])
             raise CacheError(
                 f"{storage.url} holds a cache built with another config ({'; '.join(diff[:4]) or 'format'}"
@@ -191,14 +191,14 @@ def finalize(cfg: CacheConfig, store: CacheStore, fence: Callable[[], None] | No
     is refused rather than recorded."""
     if store.manifest is not None:
         return True
-    records = store.committed(strict=False)  # every record, read once, here only
-    for key, problem in store.bad_records.items():  # torn or foreign: its shard is captured again
+    scan = scan_commits(store)  # every record, read once, here only
+    for key, problem in scan.bad.items():  # torn or foreign: its shard is captured again
         log.warning("%s/%s %s: removed; rerun to capture that shard again", store.url, key, problem)
         store.storage.delete(key)
-    if missing_shards(store, records):
+    if scan.bad or scan.missing:
         return False
     _check_array_metadata(store)
-    manifest = json.dumps(build_manifest(store, records, recorded(cfg), library_versions()), indent=2).encode()
+    manifest = json.dumps(build_manifest(store, scan, recorded(cfg), library_versions()), indent=2).encode()
     if fence is not None:
         fence()
     if not once:

@@ -26,7 +26,6 @@ import logging
 import time
 
 from cache_format.lock import TTL_S, Fence, ShardLease, WriterLock
-from cache_format.manifest import missing_shards
 from cache_format.storage import Storage, open_storage
 from cache_format.store import AlreadyCommitted, CacheStore
 from pipeline.config import from_dict, to_dict
@@ -73,8 +72,10 @@ def run_local(cfg: CacheConfig, overwrite: bool, dist: DistEnv, capture: ShardCa
         dist.barrier()
         if dist.is_main:
             if not finalize(cfg, store, fence):
-                missing = ", ".join(missing_shards(store, store.committed(strict=False))[:5])
-                raise CacheError(f"shards {missing} are missing after the run; rerun the same command")
+                missing = ", ".join(f"{s}-{i:05d}" for s, i in store.pending()[:5])
+                raise CacheError(
+                    f"shards {missing or 'with torn records'} are missing after the run; rerun the same command"
+                )
             log.info("%s", report.summary(store))
     finally:
         if dist.is_main:
@@ -119,7 +120,7 @@ def run_worker(cfg: CacheConfig, capture: ShardCapture, storage: Storage, index:
     done = 0
     with ShardWriter(store) as writer, bar:
         while True:
-            committed = store.committed(strict=False)
+            committed = store.committed_names()
             pending = [k for k in order if k not in committed]
             if not pending:
                 break
@@ -191,8 +192,8 @@ def run_ray(cfg: CacheConfig, capture: ShardCapture, storage: Storage, address: 
             for _ in pool.map_unordered(lambda actor, key: actor.capture_shard.remote(*key, lock.token), pending):
                 bar.update(1)
         if not finalize(cfg, store, lock.check):
-            missing = ", ".join(missing_shards(store, store.committed(strict=False))[:5])
-            raise CacheError(f"shards {missing} are missing; rerun")
+            missing = ", ".join(f"{s}-{i:05d}" for s, i in store.pending()[:5])
+            raise CacheError(f"shards {missing or 'with torn records'} are missing; rerun")
         log.info("%s", report.summary(store))
     finally:
         lock.release()
