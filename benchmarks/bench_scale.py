@@ -198,7 +198,7 @@ def open_stage(cache: str, count: bool) -> dict:
     reader.close()
     shards = sum(lay.shards for lay in reader.layouts.values())
     requests = {k: v for k, v in counts.items() if k != "list"}
-    return {"open_s": seconds, "shards": shards, "requests": requests}
+    return {"open_s": seconds, "seconds": seconds, "shards": shards, "requests": requests}
 
 
 def datapath_stage(cache: str, workers: int, max_tokens: int) -> dict:
@@ -212,7 +212,7 @@ def datapath_stage(cache: str, workers: int, max_tokens: int) -> dict:
     reader = CacheReader(cache, **reader_options(data))
     fields = FieldSelection.for_run(reader.settings, set(reader.fields), KD_MODES["exact"], True, 2.0, None)
     batches = iter(CacheBatches(reader, data, fields, 56, 1, 0, 1))
-    for _ in range(4):  # workers start, the first groups arrive
+    for _ in range(20 * max(1, workers)):  # every worker started and delivered its first groups
         next(batches)
     tokens, nbytes, start = 0, 0, time.perf_counter()
     while tokens < max_tokens:
@@ -257,7 +257,9 @@ def size_run(size: int, work: Path, teacher: Path) -> dict:
     out["inspect"] = measured([*cli, "inspect", str(cache)], root / "inspect.log")
     out["resume"] = resume_run(cli, root, corpus, teacher, home, total)
     out["resume"]["tokens"] = tokens * out["resume"]["shards_left"] / total  # what was left to capture
-    max_tokens = min(tokens, 20_000_000)
+    # inside the first epoch: a new epoch starts a new DataLoader, whose worker start-up is a
+    # per-epoch cost, not a per-token one
+    max_tokens = min(tokens // 2, 20_000_000)
     for w in (1, 2, 4):
         args = ("--cache", str(cache), "--workers", str(w), "--max-tokens", str(max_tokens))
         out[f"datapath_{w}"] = stage("datapath", root, root / f"datapath-{w}.log", *args)
