@@ -1,7 +1,8 @@
 """Which cached KD trains the online student? Every KD mode against `--online-teacher`, one run.
 
     python benchmarks/bench_fidelity.py [--steps 60] [--micro-batch 16] [--sequences 1200]
-        [--modes online,exact,exact-int8,sampled,topk_sampled,topk_tail,topk_renorm,defaults] [--json OUT]
+        [--modes online,exact,exact-int8,exact-nf4,exact-int4,sampled,topk_sampled,topk_tail,topk_renorm,defaults]
+        [--json OUT]
 
 One corpus, one seed, the same masks and micro-batches for every row: the shared teacher
 `../shared/teachers/minilm-l6-mlm` cached over `../shared/data/wikitext2-valid.txt` (documents
@@ -14,6 +15,8 @@ positions (the headline figures), and the hidden-state cosine. Rows:
 - online: `--online-teacher` (the teacher runs every step; the reference);
 - exact: full-vocabulary logits rebuilt from fp16 hidden states through the cached head;
 - exact-int8: the same from int8 hidden states (per-token absmax, fp16 scale), no sparse logits;
+- exact-nf4 / exact-int4: the same from 4-bit hidden states (rotated, NormalFloat / uniform levels,
+  an fp16 absmax per 128 elements);
 - sampled: RS-KD, 64 draws at T = 2 (and `--train-draws` other counts);
 - topk_sampled: the exact top-64 terms plus the tail from the draws outside the top-64;
 - topk_tail / topk_renorm: the top-64 with one tail bucket / renormalised over the top-64;
@@ -65,6 +68,8 @@ ROWS = {  # name: (cache outputs, train overrides, online teacher)
     "online": (OUTPUTS_FULL, {"loss.kd_mode": "exact"}, True),
     "exact": (OUTPUTS_FULL, {"loss.kd_mode": "exact"}, False),
     "exact-int8": ({"logits": "none", "hidden_dtype": "int8"}, {"loss.kd_mode": "exact"}, False),
+    "exact-nf4": ({"logits": "none", "hidden_dtype": "nf4"}, {"loss.kd_mode": "exact"}, False),
+    "exact-int4": ({"logits": "none", "hidden_dtype": "int4"}, {"loss.kd_mode": "exact"}, False),
     "sampled": (OUTPUTS_FULL, {"loss.kd_mode": "sampled"}, False),
     "topk_sampled": (OUTPUTS_FULL, {"loss.kd_mode": "topk_sampled"}, False),
     "topk_tail": (OUTPUTS_FULL, {"loss.kd_mode": "topk_tail"}, False),

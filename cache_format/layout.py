@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from cache_format.encode import FOUR_BIT_LEVELS, stored_hidden_width
 from cache_format.rng import STREAM_SHUFFLE, permutation
 
 _EVAL_SALT = 0x5EED_E7A1
@@ -70,7 +71,11 @@ def field_specs(
     ]
     if logits != "none":
         fields.append(FieldSpec("logsumexp", (length, n_temps), "float32", "lse"))
-    fields.append(FieldSpec("hidden", (length, hidden_size), hidden_dtype, "raw"))
+    width, scales = stored_hidden_width(hidden_size, hidden_dtype)
+    if hidden_dtype in FOUR_BIT_LEVELS:  # two codes a byte
+        fields.append(FieldSpec("hidden", (length, width), "uint8", "raw", hidden_dtype))
+    else:
+        fields.append(FieldSpec("hidden", (length, width), hidden_dtype, "raw"))
     if logits in ("topk", "both"):
         fields += [
             FieldSpec(
@@ -87,8 +92,9 @@ def field_specs(
             FieldSpec("sample_ids", (length, n_samples), index_dtype, "indices"),
             FieldSpec("sample_counts", (length, n_samples), "uint8" if n_samples <= 255 else "uint16", "labels"),
         ]
-    if hidden_dtype == "int8":
-        fields.append(FieldSpec("hidden_scale", (length,), "float16", "lse"))
+    if scales is not None:  # per token (int8) or per group of a token (4-bit)
+        scale_shape = (length,) if hidden_dtype == "int8" else (length, scales)
+        fields.append(FieldSpec("hidden_scale", scale_shape, "float16", "lse"))
     return fields
 
 

@@ -58,9 +58,11 @@ class OutputsConfig:
     """Positions with cached logits: every non-pad token (DistilBERT) or masked tokens only."""
     logits_dtype: Literal["float16", "bfloat16"] = "float16"
     """Storage dtype of the top-k logit values."""
-    hidden_dtype: Literal["float16", "int8", "float32"] = "int8"
+    hidden_dtype: Literal["float16", "int8", "nf4", "int4", "float32"] = "int8"
     """Storage of last hidden states: int8 with a per-token float16 scale (half the bytes of float16; the
-    teacher's logits rebuilt from them move by a KL of ~2e-5, docs/results/fidelity.md), float16, or float32."""
+    teacher's logits rebuilt from them move by a KL of ~2e-5, docs/results/fidelity.md); nf4 or int4 (a fixed
+    Walsh-Hadamard rotation, then 4-bit codes, NormalFloat or uniform levels, with a float16 absmax per
+    128 elements: 0.52 B an element, a quarter of float16); float16; or float32."""
     logits: Literal["none", "topk", "sampled", "both"] = "none"
     """Sparse teacher logits besides the hidden states: `none` (stage two's `exact` KD rebuilds the full
     logits from the hidden states through the cached head: no extra bytes), top-k with the log-sum-exp

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from cache_format.encode import decode_hidden_tensor
 from cache_format.kd_modes import BASE_FIELDS, HIDDEN_FIELDS, KDMode
 from cache_format.layout import SplitLayout
 from cache_format.reader import CacheReader
@@ -165,11 +166,7 @@ def to_device(batch: dict[str, torch.Tensor], settings: CacheSettings, device: t
     b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     out = {n: b[n].long() for n in BASE_FIELDS}
     if "hidden" in b:
-        hidden = b["hidden"]
-        if settings.outputs.hidden_dtype == "int8":
-            out["hidden"] = hidden.float() * b["hidden_scale"].float().unsqueeze(-1)
-        else:
-            out["hidden"] = hidden.float()
+        out["hidden"] = decode_hidden_tensor(b["hidden"], b.get("hidden_scale"), settings.outputs.hidden_dtype)
     if "topk_values" in b:
         values = b["topk_values"]
         out["topk_values"] = values.view(torch.bfloat16).float() if values.dtype == torch.int16 else values.float()

@@ -159,11 +159,11 @@ def _hidden_choices(teacher: Teacher, hidden: np.ndarray, lengths: np.ndarray, b
     valid = torch.from_numpy(valid_positions(lengths, h.shape[1]))
     head = find_head(teacher.model)
     out = []
-    for dtype in ("int8", "float16", "float32"):
+    for dtype in ("nf4", "int4", "int8", "float16", "float32"):
         stored, scale = encode_hidden(h, dtype)
         back = decode_hidden(stored, scale, dtype)
         per_row = stored_bytes(stored, "raw", block_rows) + (
-            stored_bytes(scale, "lse", block_rows) if dtype == "int8" else 0
+            stored_bytes(scale, "lse", block_rows) if scale is not None else 0
         )
         kl = math.nan
         if head is not None:

@@ -9,7 +9,7 @@ import torch
 
 from cache_format.encode import decode_hidden, decode_values, teacher_top1
 from cache_format.kd_modes import KD_MODES, kd_advice, topk_mass
-from cache_format.layout import valid_positions
+from cache_format.layout import FieldSpec, valid_positions
 from cache_format.reader import CacheReader
 from cache_format.settings import IGNORE_INDEX
 from cache_format.store import CacheStore
@@ -36,6 +36,12 @@ def storage_by_mode(manifest: dict) -> list[tuple[str, float]]:
     ]
 
 
+def stored_as(spec: FieldSpec) -> str:
+    """A field's codec and per-position width: `int8 x384`, `nf4 x192` (two codes a byte), `float16 x3`."""
+    codec = spec.logical_dtype or spec.dtype
+    return f"{codec} x{spec.row_shape[-1]}" if len(spec.row_shape) > 1 else codec
+
+
 def summary(store: CacheStore) -> str:
     """The block printed when a capture finishes (or a complete cache is reused)."""
     m = store.manifest
@@ -54,10 +60,13 @@ def summary(store: CacheStore) -> str:
         f"  wall time   {human_time(seconds)}   {tokens / max(seconds, 1e-9):,.0f} tokens/s",
         f"  on disk     {human_bytes(total)} = {total / max(tokens, 1):,.0f} B/token; fp32 full-vocabulary "
         f"logits would take {human_bytes(full)} ({full / max(total, 1):,.1f}x more)",
-        f"  {'field':<15}{'bytes':>12}{'B/token':>10}{'compression':>13}",
+        f"  {'field':<15}{'stored as':<18}{'bytes':>12}{'B/token':>10}{'compression':>13}",
     ]
+    specs = {f.name: f for f in store.fields()}
     for name, nbytes, per_token, ratio in size_rows(m):
-        lines.append(f"  {name:<15}{human_bytes(nbytes):>12}{per_token:>10.1f}{ratio:>12.2f}x")
+        lines.append(
+            f"  {name:<15}{stored_as(specs[name]):<18}{human_bytes(nbytes):>12}{per_token:>10.1f}{ratio:>12.2f}x"
+        )
     lines.append(
         "  teacher-logit bytes per token by KD mode: " + ", ".join(f"{mode} {b:,.1f}" for mode, b in storage_by_mode(m))
     )

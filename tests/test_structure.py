@@ -45,12 +45,14 @@ def test_first_losses_of_a_seeded_tiny_run_are_pinned(tiny_cache, tmp_path, monk
     assert losses_of(tmp_path / "run") == pytest.approx(PINNED_LOSSES, rel=1e-5)
 
 
-QUICKSTART_FINGERPRINT = "ee648858da5247c778d7b6a16dca6655"
-QUICKSTART_FIRST_LOSSES = [14.287064, 14.806609, 14.400736, 15.037645, 15.296643]
-"""The quickstart's cache fingerprint and first training losses (configs/quickstart.yaml on the
-2-core development and CI machine: the adapted teacher's weights, and so the fingerprint, depend
-on the number of threads its training ran on); its held-out masked accuracy after 40 steps is
-0.1667."""
+QUICKSTART_PINS = {
+    "ee648858da5247c778d7b6a16dca6655": [14.287064, 14.806609, 14.400736, 15.037645, 15.296643],
+    "b7bddef2d203a320a60b4270ed4327ad": [14.288065, 14.808591, 14.400116, 15.036840, 15.297301],
+}
+"""The quickstart's cache fingerprint and its first training losses (configs/quickstart.yaml on the
+2-core development and CI machines: the adapted teacher's weights, and so the fingerprint, depend on
+the CPU's instruction set and the number of threads its training ran on: one row per machine kind
+measured, the second an AMD EPYC); its held-out masked accuracy after 40 steps is 0.1667 on both."""
 
 
 @pytest.mark.integration
@@ -80,9 +82,10 @@ def test_the_quickstart_numbers_are_pinned(tmp_path):
             timeout=900,
         )
         assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads((tmp_path / "cache" / "manifest.json").read_text())["fingerprint"] == QUICKSTART_FINGERPRINT
+    fingerprint = json.loads((tmp_path / "cache" / "manifest.json").read_text())["fingerprint"]
+    assert fingerprint in QUICKSTART_PINS, f"no pinned quickstart for fingerprint {fingerprint} on this machine"
     losses = losses_of(tmp_path / "student")
-    assert losses[:5] == pytest.approx(QUICKSTART_FIRST_LOSSES, rel=1e-5)
+    assert losses[:5] == pytest.approx(QUICKSTART_PINS[fingerprint], rel=1e-5)
     summary = json.loads((tmp_path / "student" / "summary.json").read_text())
     assert round(summary["eval"]["student"]["masked_accuracy"], 4) == 0.1667
 
@@ -159,7 +162,8 @@ def test_a_remote_cache_s_options_reach_every_open(s3, cache_cfg, tmp_path, monk
 PINNED_INT8_LOSSES = [11.415443583391607, 11.508641284424812, 11.428030718583614, 11.45284313429147]
 """The default cache (int8 hidden states, exact KD from the cached head), fp32 head GEMM: the first
 losses of a seeded tiny run, measured when the hidden states were still dequantised in the
-DataLoader workers; dequantising them inside the step must give the same bits."""
+DataLoader workers; dequantising them inside the step gave the same bits on that machine (test_codecs
+holds the bit-for-bit decode on any CPU; another CPU kind moves these losses by ~1e-8)."""
 
 
 @pytest.mark.integration
@@ -171,4 +175,5 @@ def test_first_losses_from_int8_hidden_states_are_pinned(cache_cfg, tmp_path, mo
     for workers in (0, 1):
         out = tmp_path / f"run-{workers}"
         train(cache, out, max_steps=4, **{"loss.exact_head_dtype": "float32", "data.num_workers": workers})
-        assert losses_of(out) == PINNED_INT8_LOSSES, f"{workers} worker(s)"
+        assert losses_of(out) == pytest.approx(PINNED_INT8_LOSSES, rel=1e-7), f"{workers} worker(s)"
+    assert losses_of(tmp_path / "run-0") == losses_of(tmp_path / "run-1"), "workers or not, the same bits"
