@@ -166,6 +166,6 @@ def decode_hidden_tensor(stored: torch.Tensor, scale: torch.Tensor | None, dtype
 def decode_hidden(a: np.ndarray, scale: np.ndarray | None, dtype: str) -> torch.Tensor:
     """Stored hidden states (numpy) -> float32 tensor."""
     if dtype == "int8" or dtype in FOUR_BIT_LEVELS:
-        assert scale is not None, f"{dtype} hidden states need their scale"
-        return decode_hidden_tensor(torch.from_numpy(np.ascontiguousarray(a)), torch.from_numpy(scale), dtype)
+        scale_t = None if scale is None else torch.from_numpy(scale)
+        return decode_hidden_tensor(torch.from_numpy(np.ascontiguousarray(a)), scale_t, dtype)
     return decode_values(a, dtype)
