@@ -4,7 +4,9 @@
 
 The shared teacher `../shared/teachers/minilm-l6-mlm` runs over the last 300,000 characters of
 `../shared/data/wikitext2-valid.txt` (packed 128-token sequences, BERT masking 15 % / 80-10-10,
-seed 0) and its last hidden states go through every codec of `cache_format.encode`. Per codec:
+seed 0) and its last hidden states go through every codec of `cache_format.hidden`; the fitted
+ones (`pq`, `pca`, at several code bytes a token) are fitted on the 300,000 characters before
+those (a disjoint pilot, as capture fits on the plan's first sequences). Per codec:
 
 - reconstruction: the mean cosine and relative error (‖ĥ − h‖ / ‖h‖) of the decoded states;
 - rebuilt logits (the cached head on ĥ against the head on h): KL(exact ‖ rebuilt) at T = 1 and
@@ -30,19 +32,26 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared"
 
-from cache_format.encode import decode_hidden, encode_hidden  # noqa: E402
+from cache_format.fitted import FITTED_CODECS, fit_hidden  # noqa: E402
+from cache_format.hidden import decode_hidden, encode_hidden  # noqa: E402
 from teacher_cache.estimate import stored_bytes  # noqa: E402
 
-CODECS = ("float16", "int8", "nf4", "int4")
+CODECS = (("float16", 0), ("int8", 0), ("nf4", 0), ("int4", 0), ("pca", 192), ("pca", 96), ("pq", 192),
+          ("pq", 96), ("pq", 48))  # fmt: skip
+"""(codec, code bytes a token of the fitted ones)."""
 
 
-def teacher_states(sequences: int, length: int = 128) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
-    """(head, last hidden states (n*L, H), labels at masked positions or -100)."""
+def teacher_states(
+    sequences: int, length: int = 128, end: int = 0
+) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """(head, last hidden states (n*L, H), labels at masked positions or -100) of the 300,000
+    characters that end `end` characters before the end of the text."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     path = SHARED / "teachers/minilm-l6-mlm"
     tok, model = AutoTokenizer.from_pretrained(path), AutoModelForMaskedLM.from_pretrained(path).eval()
-    text = (SHARED / "data/wikitext2-valid.txt").read_text(encoding="utf-8")[-300_000:]
+    text = (SHARED / "data/wikitext2-valid.txt").read_text(encoding="utf-8")
+    text = text[len(text) - end - 300_000 : len(text) - end]
     ids = tok(text, add_special_tokens=False)["input_ids"][: sequences * (length - 2)]
     body = torch.tensor(ids).view(sequences, length - 2)
     x = torch.cat([torch.full((sequences, 1), tok.cls_token_id), body, torch.full((sequences, 1), tok.sep_token_id)], 1)
@@ -60,12 +69,14 @@ def teacher_states(sequences: int, length: int = 128) -> tuple[torch.nn.Module, 
     return model.cls, hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
 
 
-def measure(head, h: torch.Tensor, labels: torch.Tensor, codec: str, block_rows: int = 32, length: int = 128) -> dict:
+def measure(
+    head, h: torch.Tensor, labels: torch.Tensor, codec: str, fit=None, block_rows: int = 32, length: int = 128
+) -> dict:
     start = time.perf_counter()
-    stored, scale = encode_hidden(h.view(-1, length, h.shape[-1]), codec)
+    stored, scale = encode_hidden(h.view(-1, length, h.shape[-1]), codec, fit)
     encode_s = time.perf_counter() - start
     start = time.perf_counter()
-    back = decode_hidden(stored, scale, codec).reshape(h.shape)
+    back = decode_hidden(stored, scale, codec, fit).reshape(h.shape)
     decode_s = time.perf_counter() - start
     masked = labels != -100
     out = {
@@ -107,16 +118,21 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(0)
     head, h, labels = teacher_states(args.sequences)
+    _, pilot, _ = teacher_states(args.sequences, end=300_000)
     results = {"tokens": len(h), "hidden_size": h.shape[-1], "masked": int((labels != -100).sum()), "codecs": {}}
     print(f"{len(h):,} tokens, H = {h.shape[-1]}, {results['masked']:,} masked")
     print("| codec | B/token | B/element | with zstd | cosine | rel. error | KL T=1 | KL T=2 | top-1 flips "
           "| Δ masked acc |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for codec in CODECS:
-        r = measure(head, h, labels, codec)
-        results["codecs"][codec] = r
+    for codec, codes in CODECS:
+        start = time.perf_counter()
+        fit = fit_hidden(codec, pilot, codes, seed=0) if codec in FITTED_CODECS else None
+        fit_s = time.perf_counter() - start
+        r = measure(head, h, labels, codec, fit)
+        name = f"{codec}-{codes}" if fit is not None else codec
+        results["codecs"][name] = {**r, "fit_seconds": fit_s, "pilot_tokens": len(pilot)}
         print(
-            f"| {codec} | {r['bytes_per_token']:.1f} | {r['bytes_per_token'] / h.shape[-1]:.3f} | "
+            f"| {name} | {r['bytes_per_token']:.1f} | {r['bytes_per_token'] / h.shape[-1]:.3f} | "
             f"{r['bytes_per_token_zstd']:.1f} | {r['cosine']:.5f} | {r['relative_error']:.4f} | {r['kl_t1']:.2e} | "
             f"{r['kl_t2']:.2e} | {100 * r['top1_flip_rate']:.2f} % | {100 * r['masked_accuracy_change']:+.2f} pp |"
         )

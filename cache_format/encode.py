@@ -137,35 +137,3 @@ def dequantize_4bit(packed: torch.Tensor, scale: torch.Tensor, codec: str) -> to
     values = torch.tensor(FOUR_BIT_LEVELS[codec], device=packed.device)[codes]
     g = values.view(*scale.shape, -1) * scale.float().unsqueeze(-1)
     return unrotate(g.view(values.shape))
-
-
-def stored_hidden_width(hidden_size: int, dtype: str) -> tuple[int, int | None]:
-    """(elements per token of the stored `hidden`, of `hidden_scale` or None) for a hidden dtype."""
-    if dtype in FOUR_BIT_LEVELS:
-        return hidden_size // 2, hidden_size // int4_group(hidden_size)
-    return hidden_size, (None if dtype != "int8" else 1)
-
-
-def encode_hidden(h: torch.Tensor, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """Hidden states (..., H) -> (stored array, per-token or per-group scale or None)."""
-    if dtype == "int8" or dtype in FOUR_BIT_LEVELS:
-        codes, scale = quantize_int8(h) if dtype == "int8" else quantize_4bit(h, dtype)
-        return codes.cpu().numpy(), scale.cpu().numpy()
-    return encode_values(h, dtype), None
-
-
-def decode_hidden_tensor(stored: torch.Tensor, scale: torch.Tensor | None, dtype: str) -> torch.Tensor:
-    """Stored hidden states (on any device) -> float32: the one decoding, on the host or inside
-    the training step."""
-    if dtype == "int8" or dtype in FOUR_BIT_LEVELS:
-        assert scale is not None, f"{dtype} hidden states need their scale"
-        return dequantize_int8(stored, scale) if dtype == "int8" else dequantize_4bit(stored, scale, dtype)
-    return stored.float()
-
-
-def decode_hidden(a: np.ndarray, scale: np.ndarray | None, dtype: str) -> torch.Tensor:
-    """Stored hidden states (numpy) -> float32 tensor."""
-    if dtype == "int8" or dtype in FOUR_BIT_LEVELS:
-        scale_t = None if scale is None else torch.from_numpy(scale)
-        return decode_hidden_tensor(torch.from_numpy(np.ascontiguousarray(a)), scale_t, dtype)
-    return decode_values(a, dtype)

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from cache_format.encode import FOUR_BIT_LEVELS, stored_hidden_width
+from cache_format.hidden import storage_dtype, stored_hidden_width
 from cache_format.rng import STREAM_SHUFFLE, permutation
 
 _EVAL_SALT = 0x5EED_E7A1
@@ -59,6 +59,7 @@ def field_specs(
     hidden_dtype: str,
     logits: str = "topk",
     n_samples: int = 0,
+    hidden_codes: int = 0,
 ) -> list[FieldSpec]:
     """The public schema of a split (see docs/cache-format.md)."""
     index_dtype = "uint16" if ids_dtype == "uint16" else "int32"
@@ -71,11 +72,9 @@ def field_specs(
     ]
     if logits != "none":
         fields.append(FieldSpec("logsumexp", (length, n_temps), "float32", "lse"))
-    width, scales = stored_hidden_width(hidden_size, hidden_dtype)
-    if hidden_dtype in FOUR_BIT_LEVELS:  # two codes a byte
-        fields.append(FieldSpec("hidden", (length, width), "uint8", "raw", hidden_dtype))
-    else:
-        fields.append(FieldSpec("hidden", (length, width), hidden_dtype, "raw"))
+    width, scales = stored_hidden_width(hidden_size, hidden_dtype, hidden_codes)
+    stored, logical = storage_dtype(hidden_dtype)
+    fields.append(FieldSpec("hidden", (length, width), stored, "raw", logical))
     if logits in ("topk", "both"):
         fields += [
             FieldSpec(
@@ -92,8 +91,8 @@ def field_specs(
             FieldSpec("sample_ids", (length, n_samples), index_dtype, "indices"),
             FieldSpec("sample_counts", (length, n_samples), "uint8" if n_samples <= 255 else "uint16", "labels"),
         ]
-    if scales is not None:  # per token (int8) or per group of a token (4-bit)
-        scale_shape = (length,) if hidden_dtype == "int8" else (length, scales)
+    if scales is not None:  # per token (int8, pca) or per group of a token (4-bit)
+        scale_shape = (length,) if hidden_dtype in ("int8", "pca") else (length, scales)
         fields.append(FieldSpec("hidden_scale", scale_shape, "float16", "lse"))
     return fields
 

@@ -25,7 +25,9 @@ import torch
 
 from cache_format import shard_table
 from cache_format.chunks import EMPTY, ChunkError, ChunkLayout, decode_chunk, decode_crcs, parse_index, parse_layout
+from cache_format.fitted import FIT_FILE, FITTED_CODECS, fit_from_bytes
 from cache_format.head import load_head
+from cache_format.hidden import Fit
 from cache_format.lock import ReaderLease
 from cache_format.manifest import manifest_problems
 from cache_format.mirror import ShardMirror
@@ -118,6 +120,7 @@ class CacheReader:
             self._data = LocalStorage(root)
         self._indexes: OrderedDict[tuple[str, str, int], np.ndarray] = OrderedDict()
         self._teacher_dir: Path | None = None
+        self._fit: Fit = None
         self._lease = ReaderLease(self.storage) if lease else None
 
     @property
@@ -258,6 +261,21 @@ class CacheReader:
         if not self.settings.head:
             return None
         return load_head(self.teacher_dir(), device)
+
+    def hidden_fit(self) -> Fit:
+        """The fitted tensors of a `pq` or `pca` hidden codec (its file checked against the manifest
+        and the fingerprint), or None for the codecs without any."""
+        if self.settings.outputs.hidden_dtype not in FITTED_CODECS:
+            return None
+        if self._fit is None:
+            path = self.teacher_dir() / FIT_FILE
+            if not path.is_file():
+                raise self.damaged(f"{TEACHER_DIR}/{FIT_FILE} (the fitted hidden codec) is missing")
+            blob = path.read_bytes()
+            if _sha256(blob) != self.header["identity"].get("hidden_fit_sha256"):
+                raise self.damaged(f"{TEACHER_DIR}/{FIT_FILE} is not the fitted codec the fingerprint names")
+            self._fit = fit_from_bytes(blob)
+        return self._fit
 
     def token_counts(self) -> np.ndarray:
         """(V,) token occurrences of the train split, checked against the manifest."""

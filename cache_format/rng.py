@@ -20,6 +20,8 @@ STREAM_SAMPLES = 8
 """Sampled teacher logits: the uniforms behind each position's draws."""
 STREAM_TASK = 9
 """Downstream tasks: the seeded hold-out, subsets and example order of `pipeline finetune`."""
+STREAM_FIT = 10
+"""Fitted hidden codecs: the pilot tokens k-means starts from."""
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:

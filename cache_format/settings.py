@@ -58,11 +58,23 @@ class OutputsConfig:
     """Positions with cached logits: every non-pad token (DistilBERT) or masked tokens only."""
     logits_dtype: Literal["float16", "bfloat16"] = "float16"
     """Storage dtype of the top-k logit values."""
-    hidden_dtype: Literal["float16", "int8", "nf4", "int4", "float32"] = "int8"
+    hidden_dtype: Literal["auto", "pq", "pca", "nf4", "int4", "int8", "float16", "float32"] = "int8"
     """Storage of last hidden states: int8 with a per-token float16 scale (half the bytes of float16; the
     teacher's logits rebuilt from them move by a KL of ~2e-5, docs/results/fidelity.md); nf4 or int4 (a fixed
     Walsh-Hadamard rotation, then 4-bit codes, NormalFloat or uniform levels, with a float16 absmax per
-    128 elements: 0.52 B an element, a quarter of float16); float16; or float32."""
+    128 elements: 0.52 B an element, a quarter of float16); pq (product quantisation: `hidden_codes`
+    sub-vectors, a byte each against 256 centroids fitted at capture start) or pca (`hidden_codes` int8
+    coefficients on a basis fitted at capture start); float16; float32; or auto (the fewest bytes whose
+    rebuilt-logit KL on the pilot is within `fidelity_budget`)."""
+    hidden_codes: int = 0
+    """Code bytes a token of the fitted codecs: pq sub-vectors (must divide H) or pca components;
+    0 = H/4 (0.25 B an element)."""
+    fidelity_budget: float = 1e-4
+    """hidden_dtype auto: the largest rebuilt-logit KL (T = 1, mean over the pilot's tokens) a codec may
+    cost; int8 costs ~2e-5, nf4 ~2e-3 at H = 384."""
+    pilot_sequences: int = 64
+    """Train sequences (the first of the plan, view 0) that fitted codecs are fitted on and auto
+    measures candidates on."""
     logits: Literal["none", "topk", "sampled", "both"] = "none"
     """Sparse teacher logits besides the hidden states: `none` (stage two's `exact` KD rebuilds the full
     logits from the hidden states through the cached head: no extra bytes), top-k with the log-sum-exp
@@ -86,6 +98,12 @@ class OutputsConfig:
             problems.append("temperatures: give at least one, e.g. [1.0, 2.0]")
         if any(t <= 0 for t in self.temperatures):
             problems.append(f"temperatures: {self.temperatures} must all be positive")
+        if self.hidden_codes < 0:
+            problems.append(f"hidden_codes: {self.hidden_codes} must be >= 0 (0 = H/4)")
+        if not self.fidelity_budget > 0:
+            problems.append(f"fidelity_budget: {self.fidelity_budget} must be positive")
+        if self.pilot_sequences < 1:
+            problems.append(f"pilot_sequences: {self.pilot_sequences} must be at least 1")
         if len(set(self.temperatures)) != len(self.temperatures):
             problems.append(f"temperatures: {self.temperatures} has duplicates")
         return problems

@@ -7,9 +7,10 @@ import json
 import numpy as np
 import torch
 
-from cache_format.encode import decode_values, stored_hidden_width
+from cache_format.encode import decode_values
 from cache_format.family import hidden_size
 from cache_format.hashing import tokenizer_sha256
+from cache_format.hidden import stored_hidden_width
 from cache_format.kd_modes import KD_MODES, Run, kd_advice, topk_mass
 from cache_format.layout import valid_positions
 from cache_format.reader import CacheReader
@@ -34,7 +35,7 @@ def check_cache(reader: CacheReader, cfg: TrainConfig, student_config, tokenizer
             f"{s.tokenizer.sha256[:12]}; the cache is damaged, rebuild it"
         )
     cached_hidden = reader.fields["hidden"].row_shape[-1]
-    if cached_hidden != stored_hidden_width(s.teacher.hidden_size, s.outputs.hidden_dtype)[0]:
+    if cached_hidden != stored_hidden_width(s.teacher.hidden_size, s.outputs.hidden_dtype, s.outputs.hidden_codes)[0]:
         problems.append(f"cached hidden size {cached_hidden} != teacher hidden size {s.teacher.hidden_size}")
     if cfg.data.split not in reader.splits:
         problems.append(f"data.split={cfg.data.split!r} is not in the cache (splits: {', '.join(reader.splits)})")

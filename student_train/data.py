@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cache_format.encode import decode_hidden_tensor
+from cache_format.hidden import Fit, decode_hidden_tensor
 from cache_format.kd_modes import BASE_FIELDS, HIDDEN_FIELDS, KDMode
 from cache_format.layout import SplitLayout
 from cache_format.reader import CacheReader
@@ -158,15 +158,17 @@ class GroupDataset(Dataset):
         return out
 
 
-def to_device(batch: dict[str, torch.Tensor], settings: CacheSettings, device: torch.device) -> dict[str, torch.Tensor]:
+def to_device(
+    batch: dict[str, torch.Tensor], settings: CacheSettings, device: torch.device, fit: Fit = None
+) -> dict[str, torch.Tensor]:
     """A micro-batch in its stored dtypes -> the model's inputs and the teacher's decoded fields, on
     `device`: copied there first (int8 codes, fp16 scales, uint16 ids: the fewest bytes), decoded
     there, inside the step. The arithmetic is `cache_format.encode`'s, so CPU results are bit for
-    bit those of decoding on the host."""
+    bit those of decoding on the host. `fit`: a fitted hidden codec's tensors, already on `device`."""
     b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     out = {n: b[n].long() for n in BASE_FIELDS}
     if "hidden" in b:
-        out["hidden"] = decode_hidden_tensor(b["hidden"], b.get("hidden_scale"), settings.outputs.hidden_dtype)
+        out["hidden"] = decode_hidden_tensor(b["hidden"], b.get("hidden_scale"), settings.outputs.hidden_dtype, fit)
     if "topk_values" in b:
         values = b["topk_values"]
         out["topk_values"] = values.view(torch.bfloat16).float() if values.dtype == torch.int16 else values.float()

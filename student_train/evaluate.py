@@ -22,7 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cache_format.encode import decode_hidden, teacher_top1
+from cache_format.encode import teacher_top1
+from cache_format.hidden import decode_hidden
 from cache_format.layout import valid_positions
 from cache_format.reader import CacheReader
 from cache_format.settings import IGNORE_INDEX
@@ -58,7 +59,9 @@ def load_rows(reader: CacheReader, split: str, n: int) -> dict[str, torch.Tensor
         "input_ids": torch.from_numpy(d["input_ids"].astype(np.int64)),
         "labels": torch.from_numpy(d["labels"].astype(np.int64)),
         "lengths": torch.from_numpy(d["lengths"].astype(np.int64)),
-        "hidden": decode_hidden(d["hidden"], d.get("hidden_scale"), reader.settings.outputs.hidden_dtype),
+        "hidden": decode_hidden(
+            d["hidden"], d.get("hidden_scale"), reader.settings.outputs.hidden_dtype, reader.hidden_fit()
+        ),
     }
     if top1:
         rows["teacher_top1"] = teacher_top1(d)

@@ -104,6 +104,8 @@ class Trainer:
                 self.teacher = teacher.to(self.device, dtype).eval().requires_grad_(False)
         self.module = DistillModule(student, self.reader.settings.teacher.hidden_size)
         self.head = self.reader.head(self.device)  # exact KD, and exact KL in evaluation
+        fit = self.reader.hidden_fit()  # a fitted hidden codec's tensors, decoded with inside the step
+        self.hidden_fit = None if fit is None else {k: v.to(self.device) for k, v in fit.items()}
         self.head_dtype = resolve_head_dtype(cfg.loss.exact_head_dtype, self.device)
         self.exact = None
         if cfg.loss.kd_mode == "exact" and cfg.loss.alpha_ce > 0 and not self.online:
@@ -241,7 +243,7 @@ class Trainer:
     def _loss_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss of one micro-batch (normalised by global counts) and its (kd, mlm, cos, counts...) sums."""
         lcfg = self.cfg.loss
-        b = to_device(batch, self.reader.settings, self.device)  # decoded here, inside the step
+        b = to_device(batch, self.reader.settings, self.device, self.hidden_fit)  # decoded here, inside the step
         ids, labels = b["input_ids"], b["labels"]
         valid = valid_positions(b["lengths"], ids.shape[1])
         masked = labels != losses.IGNORE_INDEX

@@ -10,16 +10,18 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from cache_format.encode import encode_hidden, encode_values
+from cache_format.encode import encode_values
+from cache_format.hidden import Fit, encode_hidden
 from cache_format.layout import plan_rows, split_seed, valid_positions
 from cache_format.settings import IGNORE_INDEX, OutputsConfig
 from pipeline.errors import CacheError
+from teacher_cache.codec_fit import HiddenChoice, choose_hidden
 from teacher_cache.config import CacheConfig
 from teacher_cache.corpus import PackedCorpus, PackedSplit, prepare_corpus
 from teacher_cache.masking import MaskSpec, make_spec, mask_batch
@@ -68,9 +70,11 @@ def capture_shard(
     cfg: CacheConfig,
     on_batch: Callable[[Batch], None],
     split: str = "train",
+    fit: Fit = None,
 ) -> None:
     """Run the teacher over a shard's batches, encoding its outputs into `buf` (shard-sized);
-    stops at the first non-finite or unstorable value (the shard is never committed)."""
+    stops at the first non-finite or unstorable value (the shard is never committed). `fit`: the
+    fitted tensors of a `pq` or `pca` hidden codec."""
     out_cfg = cfg.outputs
     chunk = teacher.chunk_tokens(cfg.teacher.head_chunk_tokens)
     for b in batches:
@@ -95,7 +99,7 @@ def capture_shard(
             buf["sample_ids"][b.rows][sel] = out.sample_ids.cpu().numpy().astype(buf["sample_ids"].dtype)
             buf["sample_counts"][b.rows][sel] = out.sample_counts.cpu().numpy().astype(buf["sample_counts"].dtype)
         hidden = out.hidden.float().masked_fill(~attention.to(out.hidden.device)[..., None], 0.0)
-        codes, scale = encode_hidden(hidden, out_cfg.hidden_dtype)
+        codes, scale = encode_hidden(hidden, out_cfg.hidden_dtype, fit)
         buf["hidden"][b.rows] = codes
         if scale is not None:
             buf["hidden_scale"][b.rows] = scale
@@ -167,25 +171,41 @@ def build_capture(cfg: CacheConfig, main_first: Callable = lambda fn: fn()) -> S
     corpus = main_first(
         lambda: prepare_corpus(cfg.corpus, teacher.tokenizer, teacher.tokenizer_sha256, cfg.store.cache_dir, cfg.seed)
     )
-    return ShardCapture(cfg, teacher, corpus, build_plan(cfg, teacher, corpus))
+    spec = capture_spec(cfg, teacher, corpus)
+    choice = choose_hidden(cfg, teacher, corpus, spec)
+    return ShardCapture(cfg, teacher, corpus, build_plan(cfg, teacher, corpus, choice), spec, choice)
+
+
+def capture_spec(cfg: CacheConfig, teacher: Teacher, corpus: PackedCorpus) -> MaskSpec:
+    """The masking of every row (the corpus's token counts drive frequency smoothing)."""
+    m = cfg.masking
+    return make_spec(
+        teacher.vocab_size,
+        teacher.tokenizer.all_special_ids,
+        teacher.tokenizer.mask_token_id,
+        m.mask_prob,
+        m.mask_token_prob,
+        m.random_token_prob,
+        corpus.counts,
+        m.smoothing,
+    )
 
 
 class ShardCapture:
-    """Captures shards of one plan with one teacher (what every engine calls per shard)."""
+    """Captures shards of one plan with one teacher (what every engine calls per shard). Its `cfg`
+    holds the settled hidden codec (`auto` resolved)."""
 
-    def __init__(self, cfg: CacheConfig, teacher: Teacher, corpus: PackedCorpus, plan: CachePlan):
-        self.cfg, self.teacher, self.corpus, self.plan = cfg, teacher, corpus, plan
-        m = cfg.masking
-        self.spec = make_spec(
-            teacher.vocab_size,
-            teacher.tokenizer.all_special_ids,
-            teacher.tokenizer.mask_token_id,
-            m.mask_prob,
-            m.mask_token_prob,
-            m.random_token_prob,
-            corpus.counts,
-            m.smoothing,
-        )
+    def __init__(
+        self,
+        cfg: CacheConfig,
+        teacher: Teacher,
+        corpus: PackedCorpus,
+        plan: CachePlan,
+        spec: MaskSpec,
+        choice: HiddenChoice,
+    ):
+        self.cfg = replace(cfg, outputs=choice.outputs)
+        self.teacher, self.corpus, self.plan, self.spec, self.fit = teacher, corpus, plan, spec, choice.fit
         self.rows = {
             n: plan_rows(split_seed(cfg.seed, n), len(getattr(corpus, n).ids), lay.sequences, lay.views)
             for n, lay in plan.layouts.items()
@@ -204,7 +224,7 @@ class ShardCapture:
         batches = _shard_batches(
             packed, *self.rows[split], lo, hi, split_seed(self.cfg.seed, split), self.spec, self.cfg
         )
-        capture_shard(self.teacher, batches, buf, self.cfg, on_batch, split)
+        capture_shard(self.teacher, batches, buf, self.cfg, on_batch, split, self.fit)
         tokens = int(buf["lengths"].sum())
         masked = self.cfg.outputs.logit_positions == "masked"
         info = {

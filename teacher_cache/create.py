@@ -142,9 +142,9 @@ def _changed(storage: Storage, files: dict[str, bytes]) -> dict[str, bytes]:
 
 
 def prepare(store: CacheStore, plan: CachePlan, teacher: Teacher, corpus: PackedCorpus) -> None:
-    """Write the side files that are missing or differ, once free space for them and for every
-    pending shard has been checked."""
-    files = _changed(store.storage, side_files(teacher))
+    """Write the side files (the teacher's, and the plan's fitted codec) that are missing or differ,
+    once free space for them and for every pending shard has been checked."""
+    files = _changed(store.storage, {**side_files(teacher), **plan.side_files})
     counts = np.asarray(corpus.counts, dtype=np.int64)
     counts_key = f"{DATA}/{COUNTS}/c/0"
     rewrite_counts = not store.storage.exists(counts_key) or not _same_counts(store, counts)

@@ -22,14 +22,16 @@ import numpy as np
 import torch
 from numcodecs import Blosc
 
-from cache_format.encode import decode_hidden, encode_hidden
+from cache_format.fitted import CENTROIDS, FITTED_CODECS, check_codes, fit_hidden
 from cache_format.head import find_head
+from cache_format.hidden import HIDDEN_CODECS, Fit, codes_for, encode_hidden
 from cache_format.layout import FieldSpec, valid_positions
 from cache_format.rng import STREAM_SHUFFLE, permutation
 from cache_format.store import blosc_for
 from pipeline.errors import CorpusError
 from pipeline.log import human_bytes, human_time
 from teacher_cache.capture import capture_shard, prepare_batch
+from teacher_cache.codec_fit import measure_codec
 from teacher_cache.config import CacheConfig, CorpusConfig
 from teacher_cache.corpus.packing import PackedSplit, Packer, special_frame
 from teacher_cache.corpus.prepare import _split_documents
@@ -110,7 +112,9 @@ def _pilot_rows(sample: list[list[int]], teacher: Teacher, length: int, n: int) 
     return PackedSplit(rows, lengths)
 
 
-def _pilot(cfg: CacheConfig, teacher: Teacher, rows: PackedSplit, fields: list[FieldSpec]) -> tuple[dict, float]:
+def _pilot(
+    cfg: CacheConfig, teacher: Teacher, rows: PackedSplit, fields: list[FieldSpec], fit: Fit = None
+) -> tuple[dict, float]:
     """The capture loop over the pilot rows: (field -> stored (n, ...) array, seconds)."""
     spec = make_spec(
         teacher.vocab_size,
@@ -131,9 +135,9 @@ def _pilot(cfg: CacheConfig, teacher: Teacher, rows: PackedSplit, fields: list[F
             b = min(a + size, hi)
             yield prepare_batch(rows, seq[a:b], view[a:b], cfg.seed, spec, cfg.outputs, slice(a, b))
 
-    capture_shard(teacher, batches(0, min(size, n)), buf, cfg, lambda b: None)  # warm-up
+    capture_shard(teacher, batches(0, min(size, n)), buf, cfg, lambda b: None, fit=fit)  # warm-up
     start = time.perf_counter()
-    capture_shard(teacher, batches(0, n), buf, cfg, lambda b: None)
+    capture_shard(teacher, batches(0, n), buf, cfg, lambda b: None, fit=fit)
     return buf, time.perf_counter() - start
 
 
@@ -153,26 +157,44 @@ def stored_bytes(values: np.ndarray, codec: str, block_rows: int) -> float:
     return total / len(values)
 
 
-def _hidden_choices(teacher: Teacher, hidden: np.ndarray, lengths: np.ndarray, block_rows: int) -> list[dict]:
-    """Bytes per token of each hidden dtype and the KL (T = 1) by which it moves the rebuilt logits."""
+def _hidden_choices(cfg: CacheConfig, teacher: Teacher, hidden: np.ndarray, lengths: np.ndarray) -> list[dict]:
+    """Bytes per token of each hidden codec and the KL (T = 1) by which it moves the rebuilt
+    logits; the fitted codecs are fitted on the first half of the pilot and measured on the rest."""
+    valid = torch.from_numpy(valid_positions(lengths, hidden.shape[1]))
     h = torch.from_numpy(hidden).float()
-    valid = torch.from_numpy(valid_positions(lengths, h.shape[1]))
+    half = max(1, len(h) // 2)
+    fit_on, tokens = h[:half][valid[:half]], h[valid]
+    held_out = h[half:][valid[half:]] if len(h) > 1 else tokens
     head = find_head(teacher.model)
     out = []
-    for dtype in ("nf4", "int4", "int8", "float16", "float32"):
-        stored, scale = encode_hidden(h, dtype)
-        back = decode_hidden(stored, scale, dtype)
-        per_row = stored_bytes(stored, "raw", block_rows) + (
-            stored_bytes(scale, "lse", block_rows) if scale is not None else 0
+    for codec in HIDDEN_CODECS:
+        codes = codes_for(h.shape[-1], cfg.outputs.hidden_codes) if codec in FITTED_CODECS else 0
+        if codec in FITTED_CODECS and (check_codes(codec, h.shape[-1], codes) or len(fit_on) < CENTROIDS):
+            continue
+        fit = fit_hidden(codec, fit_on, codes, cfg.seed) if codec in FITTED_CODECS else None
+        sample = held_out if fit is not None else tokens
+        row = measure_codec(head, sample, codec, fit, teacher.device, teacher.dtype)
+        stored, scale = encode_hidden(h, codec, fit)
+        per_row = stored_bytes(stored, "raw", cfg.store.block_rows) + (
+            stored_bytes(scale, "lse", cfg.store.block_rows) if scale is not None else 0
         )
-        kl = math.nan
-        if head is not None:
-            with torch.no_grad():
-                ref = torch.log_softmax(head(h[valid].to(teacher.device, teacher.dtype)).float(), -1)
-                got = torch.log_softmax(head(back[valid].to(teacher.device, teacher.dtype)).float(), -1)
-                kl = float((ref.exp() * (ref - got)).sum(-1).mean())
-        out.append({"hidden_dtype": dtype, "bytes_per_token": per_row / float(lengths.mean()), "rebuilt_kl_t1": kl})
+        out.append({"hidden_dtype": codec, "codes": codes, "bytes_per_token": per_row / float(lengths.mean()), **row})
     return out
+
+
+def _settled(cfg: CacheConfig, choices: list[dict], full: dict) -> tuple[CacheConfig, Fit]:
+    """`cfg` with its hidden codec as capture would settle it (auto: the fewest bytes within the
+    budget on this pilot) and, for a fitted codec, its fit on the whole pilot."""
+    out = copy.deepcopy(cfg)
+    if out.outputs.hidden_dtype == "auto":
+        within = [c for c in choices if c["rebuilt_kl_t1"] <= cfg.outputs.fidelity_budget] or choices[-1:]
+        out.outputs.hidden_dtype = min(within, key=lambda c: c["bytes_per_token"])["hidden_dtype"]
+    if out.outputs.hidden_dtype not in FITTED_CODECS:
+        return out, None
+    h = torch.from_numpy(full["hidden"]).float()
+    tokens = h[torch.from_numpy(valid_positions(full["lengths"], h.shape[1]))]
+    out.outputs.hidden_codes = codes_for(h.shape[-1], cfg.outputs.hidden_codes)
+    return out, fit_hidden(out.outputs.hidden_dtype, tokens, out.outputs.hidden_codes, cfg.seed)
 
 
 def run_plan(cfg: CacheConfig, tokens: float | None = None, pilot_sequences: int = 128) -> dict:
@@ -181,8 +203,14 @@ def run_plan(cfg: CacheConfig, tokens: float | None = None, pilot_sequences: int
     check_compatible(cfg, teacher)
     counts, sample = count_corpus(cfg, teacher, tokens)
     rows = _pilot_rows(sample, teacher, cfg.corpus.max_seq_len, pilot_sequences)
+    both = copy.deepcopy(cfg)
+    both.outputs.logits, both.outputs.hidden_dtype = ("both" if find_head(teacher.model) else "topk"), "float32"
+    full_fields = plan_fields(both, teacher)
+    full, _ = _pilot(both, teacher, rows, full_fields)
+    hidden_choices = _hidden_choices(cfg, teacher, full["hidden"], full["lengths"])
+    cfg, fit = _settled(cfg, hidden_choices, full)
     fields = plan_fields(cfg, teacher)
-    buf, seconds = _pilot(cfg, teacher, rows, fields)
+    buf, seconds = _pilot(cfg, teacher, rows, fields, fit)
     pilot_tokens = int(rows.lengths.sum())
     per_token_len = pilot_tokens / len(rows.ids)
     layouts = plan_layouts(cfg, fields, {n: c["sequences"] for n, c in counts.items() if n in ("train", "eval")})
@@ -197,10 +225,6 @@ def run_plan(cfg: CacheConfig, tokens: float | None = None, pilot_sequences: int
         per_field[f.name] = {"bytes": total, "bytes_per_token": total / (cached_rows * per_token_len)}
     total = sum(v["bytes"] for v in per_field.values())
     rate = pilot_tokens / seconds
-    both = copy.deepcopy(cfg)
-    both.outputs.logits, both.outputs.hidden_dtype = ("both" if find_head(teacher.model) else "topk"), "float32"
-    full_fields = plan_fields(both, teacher)
-    full, _ = _pilot(both, teacher, rows, full_fields)
     sparse = {
         f.name: stored_bytes(full[f.name], f.codec, cfg.store.block_rows) / per_token_len
         for f in full_fields
@@ -226,7 +250,7 @@ def run_plan(cfg: CacheConfig, tokens: float | None = None, pilot_sequences: int
         "capture_tok_s": rate,
         "capture_seconds": cached_rows * per_token_len / rate,
         "choices": {
-            "hidden": _hidden_choices(teacher, full["hidden"], full["lengths"], cfg.store.block_rows),
+            "hidden": hidden_choices,
             "sparse_bytes_per_token": sparse,
             "k": cfg.outputs.k,
             "n_samples": cfg.outputs.n_samples,
@@ -263,7 +287,8 @@ def plan_text(p: dict) -> str:
     ]
     for h in p["choices"]["hidden"]:
         kl = "n/a (no head)" if math.isnan(h["rebuilt_kl_t1"]) else f"{h['rebuilt_kl_t1']:.2e}"
-        lines.append(f"  hidden_dtype {h['hidden_dtype']:<8}{h['bytes_per_token']:>8.1f}   rebuilt-logit KL (T=1) {kl}")
+        name = f"{h['hidden_dtype']}-{h['codes']}" if h["codes"] else h["hidden_dtype"]
+        lines.append(f"  hidden_dtype {name:<8}{h['bytes_per_token']:>8.1f}   rebuilt-logit KL (T=1) {kl}")
     s = p["choices"]["sparse_bytes_per_token"]
     topk = sum(s.get(n, 0.0) for n in ("topk_values", "topk_indices", "logsumexp"))
     sampled = sum(s.get(n, 0.0) for n in ("sample_ids", "sample_counts"))

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from cache_format.fitted import FIT_FILE, FITTED_CODECS
 from cache_format.head import find_head
 from cache_format.layout import FieldSpec, SplitLayout, field_specs, shard_rows_for
 from cache_format.manifest import make_header
 from cache_format.settings import OutputsConfig
-from cache_format.store import FORMAT_VERSION
+from cache_format.store import FORMAT_VERSION, TEACHER_DIR
 from pipeline.config import to_dict
 from pipeline.errors import TeacherError
+from teacher_cache.codec_fit import HiddenChoice
 from teacher_cache.config import CacheConfig
 from teacher_cache.corpus import PackedCorpus
 from teacher_cache.teacher import Teacher
@@ -29,6 +31,8 @@ class CachePlan:
     header: dict
     fields: list[FieldSpec]
     layouts: dict[str, SplitLayout]
+    side_files: dict[str, bytes] = field(default_factory=dict)
+    """Files the plan itself made (a fitted hidden codec's tensors), by storage key."""
 
     @property
     def fingerprint(self) -> str:
@@ -52,6 +56,7 @@ def plan_fields(cfg: CacheConfig, teacher: Teacher, outputs: OutputsConfig | Non
         out.hidden_dtype,
         out.logits,
         out.n_samples,
+        out.hidden_codes,
     )
 
 
@@ -67,8 +72,23 @@ def plan_layouts(cfg: CacheConfig, fields: list[FieldSpec], packed: dict[str, in
     return layouts
 
 
-def build_plan(cfg: CacheConfig, teacher: Teacher, corpus: PackedCorpus) -> CachePlan:
-    fields = plan_fields(cfg, teacher)
+def identity_outputs(outputs: OutputsConfig) -> dict:
+    """The outputs settings that shape the cached values: the pilot and code bytes only for a fitted
+    codec, the budget never (what `auto` chose is the codec itself)."""
+    out = asdict(outputs)
+    out.pop("fidelity_budget")
+    if outputs.hidden_dtype not in FITTED_CODECS:
+        out.pop("hidden_codes")
+        out.pop("pilot_sequences")
+    return out
+
+
+def build_plan(
+    cfg: CacheConfig, teacher: Teacher, corpus: PackedCorpus, choice: HiddenChoice | None = None
+) -> CachePlan:
+    """The plan of `cfg`, with its hidden codec settled by `choice` (the configured one if None)."""
+    choice = choice or HiddenChoice(cfg.outputs)
+    fields = plan_fields(cfg, teacher, choice.outputs)
     packed = {n: len(split.ids) for n, split in (("train", corpus.train), ("eval", corpus.eval)) if split is not None}
     layouts = plan_layouts(cfg, fields, packed)
     identity = {
@@ -83,15 +103,21 @@ def build_plan(cfg: CacheConfig, teacher: Teacher, corpus: PackedCorpus) -> Cach
         "max_sequences": cfg.max_sequences,
         "max_eval_sequences": cfg.max_eval_sequences,
         "masking": asdict(cfg.masking),
-        "outputs": asdict(cfg.outputs),
+        "outputs": identity_outputs(choice.outputs),
         "layout": {n: [lay.block_rows, lay.shard_rows] for n, lay in layouts.items()},
     }
+    side = {}
+    if choice.fit_file is not None:  # the fitted tensors are part of what the cache is
+        identity["hidden_fit_sha256"] = choice.record["fit_sha256"]
+        side[f"{TEACHER_DIR}/{FIT_FILE}"] = choice.fit_file
     header = make_header(
         identity, layouts, fields, _teacher_info(cfg, teacher), _tokenizer_info(teacher), corpus.meta, recorded(cfg)
     )
+    if choice.record is not None:
+        header["hidden_codec"] = choice.record
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(cfg.teacher.name.rstrip("/")).name) or "teacher"
     default = Path(cfg.store.cache_dir).expanduser() / f"{slug}-{header['fingerprint'][:12]}"
-    return CachePlan(str(cfg.store.output or default), header, fields, layouts)
+    return CachePlan(str(cfg.store.output or default), header, fields, layouts, side)
 
 
 def recorded(cfg: CacheConfig) -> dict:

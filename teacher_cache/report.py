@@ -7,7 +7,8 @@ from dataclasses import asdict
 
 import torch
 
-from cache_format.encode import decode_hidden, decode_values, teacher_top1
+from cache_format.encode import decode_values, teacher_top1
+from cache_format.hidden import decode_hidden
 from cache_format.kd_modes import KD_MODES, kd_advice, topk_mass
 from cache_format.layout import FieldSpec, valid_positions
 from cache_format.reader import CacheReader
@@ -108,7 +109,7 @@ def teacher_stats(reader: CacheReader, split: str = "train", sample_rows: int = 
     out: dict = {"rows": int(labels.shape[0]), "k": k, "temperatures": {}, "masked_accuracy": math.nan}
     rebuilt = None
     if head is not None:
-        hidden = decode_hidden(data["hidden"], data.get("hidden_scale"), outputs.hidden_dtype)
+        hidden = decode_hidden(data["hidden"], data.get("hidden_scale"), outputs.hidden_dtype, reader.hidden_fit())
         rebuilt = rebuilt_stats(head, hidden[valid], k, temps)
     at_masked = masked[valid]
     if "topk_indices" in data or "sample_ids" in data:

@@ -11,8 +11,9 @@ import pytest
 import torch
 from transformers import AutoModelForMaskedLM
 
-from cache_format.encode import decode_hidden, decode_values
+from cache_format.encode import decode_values
 from cache_format.head import load_head
+from cache_format.hidden import decode_hidden
 from cache_format.layout import split_seed
 from cache_format.reader import CacheReader
 from cache_format.storage import LocalStorage

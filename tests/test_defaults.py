@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cache_format.encode import decode_hidden, encode_hidden
+from cache_format.hidden import decode_hidden, encode_hidden
 from cache_format.reader import CacheReader
 from pipeline.cli import main
 from pipeline.config import from_dict

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from cache_format.encode import decode_hidden
+from cache_format.hidden import decode_hidden
 from cache_format.reader import CacheReader
 from pipeline.config import from_dict
 from student_train import losses
