@@ -2,7 +2,7 @@
 
     python benchmarks/bench_fidelity.py [--steps 60] [--micro-batch 16] [--sequences 1200]
         [--modes online,exact,exact-int8,exact-nf4,exact-int4,sampled,topk_sampled,topk_tail,topk_renorm,defaults]
-        [--json OUT]
+        [--json OUT] [--plot PNG]
 
 One corpus, one seed, the same masks and micro-batches for every row: the shared teacher
 `../shared/teachers/minilm-l6-mlm` cached over `../shared/data/wikitext2-valid.txt` (documents
@@ -17,6 +17,8 @@ positions (the headline figures), and the hidden-state cosine. Rows:
 - exact-int8: the same from int8 hidden states (per-token absmax, fp16 scale), no sparse logits;
 - exact-nf4 / exact-int4: the same from 4-bit hidden states (rotated, NormalFloat / uniform levels,
   an fp16 absmax per 128 elements);
+- exact-pq-M / exact-pca-r: the same from fitted codecs (product quantisation, M bytes a token;
+  an int8 low-rank basis of r components), fitted on the cache's first 64 train sequences;
 - sampled: RS-KD, 64 draws at T = 2 (and `--train-draws` other counts);
 - topk_sampled: the exact top-64 terms plus the tail from the draws outside the top-64;
 - topk_tail / topk_renorm: the top-64 with one tail bucket / renormalised over the top-64;
@@ -70,6 +72,10 @@ ROWS = {  # name: (cache outputs, train overrides, online teacher)
     "exact-int8": ({"logits": "none", "hidden_dtype": "int8"}, {"loss.kd_mode": "exact"}, False),
     "exact-nf4": ({"logits": "none", "hidden_dtype": "nf4"}, {"loss.kd_mode": "exact"}, False),
     "exact-int4": ({"logits": "none", "hidden_dtype": "int4"}, {"loss.kd_mode": "exact"}, False),
+    "exact-pq-192": ({"logits": "none", "hidden_dtype": "pq", "hidden_codes": 192}, {"loss.kd_mode": "exact"}, False),
+    "exact-pq-96": ({"logits": "none", "hidden_dtype": "pq", "hidden_codes": 96}, {"loss.kd_mode": "exact"}, False),
+    "exact-pca-192": ({"logits": "none", "hidden_dtype": "pca", "hidden_codes": 192}, {"loss.kd_mode": "exact"}, False),
+    "exact-pca-96": ({"logits": "none", "hidden_dtype": "pca", "hidden_codes": 96}, {"loss.kd_mode": "exact"}, False),
     "sampled": (OUTPUTS_FULL, {"loss.kd_mode": "sampled"}, False),
     "topk_sampled": (OUTPUTS_FULL, {"loss.kd_mode": "topk_sampled"}, False),
     "topk_tail": (OUTPUTS_FULL, {"loss.kd_mode": "topk_tail"}, False),
@@ -233,6 +239,7 @@ def main() -> None:
     p.add_argument("--draws", default="32,64,128", help="sample counts whose bytes and variance are reported")
     p.add_argument("--work", type=Path, default=None, help="work directory (default: a temp dir, removed)")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--plot", type=Path, default=None, help="bytes a token against Δ KL (the Pareto front), as PNG")
     args = p.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-fidelity-"))
@@ -256,7 +263,9 @@ def main() -> None:
         results[name] = {
             **trained[key],
             "kd_mode": "online" if online else train_cfg.loss.kd_mode,
-            "cache_outputs": {k: asdict(cfg.outputs)[k] for k in ("logits", "hidden_dtype", "k", "n_samples")},
+            "cache_outputs": {
+                k: asdict(cfg.outputs)[k] for k in ("logits", "hidden_dtype", "hidden_codes", "k", "n_samples")
+            },
             "kd_bytes_per_token": kd_bytes,
             "run_bytes_per_token": run_bytes,
             "cache_bytes_per_token": sum(per_token.values()),
@@ -279,10 +288,54 @@ def main() -> None:
     if {"float16", "int8"} <= set(caches):
         fidelity = teacher_logit_fidelity(caches["float16"], caches["int8"])
     report(args, results, sampled, built, fidelity)
+    if args.plot:
+        pareto_plot(results, args.plot)
     if args.work is None:
         import shutil
 
         shutil.rmtree(work, ignore_errors=True)
+
+
+def hidden_label(outputs: dict) -> str:
+    """`int8`, `pq-96` (a fitted codec with its code bytes a token)."""
+    codes = outputs.get("hidden_codes") or 0
+    return f"{outputs['hidden_dtype']}-{codes}" if outputs["hidden_dtype"] in ("pq", "pca") else outputs["hidden_dtype"]
+
+
+def pareto_plot(results: dict, path: Path) -> None:
+    """What each cached row reads a token against its held-out KL change from online (log-log);
+    the rows no other row beats on both are joined (the Pareto front)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ref = results["online"]["eval"]["student"]["kl_teacher_student"]
+    points = {}
+    for name, r in results.items():
+        if name in ("online", "defaults"):
+            continue
+        delta = abs(r["eval"]["student"]["kl_teacher_student"] / ref - 1)
+        points[name] = (r["run_bytes_per_token"], max(delta, 1e-5))
+    front = sorted(
+        (n for n, (b, d) in points.items() if not any(b2 <= b and d2 < d for b2, d2 in points.values())),
+        key=lambda n: points[n][0],
+    )
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, (b, d) in points.items():
+        ax.scatter(b, 100 * d, color="C0" if name.startswith("exact") else "C1", zorder=3)
+        ax.annotate(name, (b, 100 * d), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.plot([points[n][0] for n in front], [100 * points[n][1] for n in front], "k--", lw=1, label="Pareto front")
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":", label="±0.5 % (the acceptance bar)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("bytes a token the run reads")
+    ax.set_ylabel("|Δ KL(t‖s)| vs online, % (floor 0.001 %)")
+    ax.set_title("bench_fidelity: cache bytes against the held-out student")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
 
 
 def report(args: argparse.Namespace, results: dict, sampled: dict, built: dict, fidelity: dict) -> None:
@@ -300,7 +353,7 @@ def report(args: argparse.Namespace, results: dict, sampled: dict, built: dict, 
             m: (s[m] / ref["eval"]["student"][m] - 1) if ref else math.nan for m in ("perplexity", "kl_teacher_student")
         }
         lines.append(
-            f"| {name} | {r['kd_mode']} | {c['logits']}, {c['hidden_dtype']} | {r['kd_bytes_per_token']:,.0f} | "
+            f"| {name} | {r['kd_mode']} | {c['logits']}, {hidden_label(c)} | {r['kd_bytes_per_token']:,.0f} | "
             f"{r['run_bytes_per_token']:,.0f} | {r['wall_s']:,.0f} | {r['tok_s']:,.0f} | "
             + " | ".join(f"{s[m]:.4f}" if m != "perplexity" else f"{s[m]:.2f}" for m, _ in METRICS)
             + f" | {100 * rel['perplexity']:+.2f} % | {100 * rel['kl_teacher_student']:+.2f} % |"

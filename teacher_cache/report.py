@@ -68,10 +68,28 @@ def summary(store: CacheStore) -> str:
         lines.append(
             f"  {name:<15}{stored_as(specs[name]):<18}{human_bytes(nbytes):>12}{per_token:>10.1f}{ratio:>12.2f}x"
         )
+    lines += hidden_codec_lines(store.header.get("hidden_codec"))
     lines.append(
         "  teacher-logit bytes per token by KD mode: " + ", ".join(f"{mode} {b:,.1f}" for mode, b in storage_by_mode(m))
     )
     return "\n".join(lines)
+
+
+def hidden_codec_lines(record: dict | None) -> list[str]:
+    """How the hidden codec was settled: its fit, and under `auto` every candidate measured."""
+    if not record:
+        return []
+    pilot = record["pilot"]
+    line = f"  hidden codec {record['codec']}, settled on a pilot of {pilot['sequences']:,} sequences"
+    line += f" ({pilot['tokens']:,} tokens)"
+    if "fit_sha256" in record:
+        line += f"; fitted: {record['codes']} code bytes a token, sha256 {record['fit_sha256'][:12]}"
+    lines = [line]
+    if "candidates" in record:
+        lines.append(f"  auto, fidelity_budget {record['budget']:g} (rebuilt-logit KL, T=1): " + ", ".join(
+            f"{c['codec']} {c['bytes_per_token']:.0f} B {c['rebuilt_kl_t1']:.1e}" for c in record["candidates"]
+        ))  # fmt: skip
+    return lines
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ from cache_format.verify import verify_cache
 from pipeline.errors import CacheError
 from student_train.config import DataConfig
 from student_train.data import CacheBatches, FieldSelection, to_device
+from teacher_cache.report import summary
 from tests.conftest import assert_same_arrays
 from tests.test_faults import build, cli, env
 
@@ -224,6 +225,9 @@ def test_auto_keeps_the_fewest_bytes_within_the_budget_and_records_every_candida
     assert [c["codec"] for c in record["candidates"]] == ["pq", "pca", "nf4", "int4", "int8", "float16", "float32"]
     assert record["budget"] == 10.0 and loose.hidden_fit() is not None
     assert loose.header["config"]["outputs"]["hidden_dtype"] == "auto", "the config as given is recorded too"
+    shown = summary(loose.store)  # what cache-teacher and inspect print
+    assert "hidden codec pq, settled on a pilot of 40 sequences" in shown and "auto, fidelity_budget 10" in shown
+    assert "pq x8" in shown, "the field's stored codec and width"
     kls = {c["codec"]: c["rebuilt_kl_t1"] for c in record["candidates"]}
     assert kls["float32"] == 0.0 and kls["int8"] < kls["nf4"]
     budget = kls["int8"] * 1.01  # int8 and float16 (and maybe more) are within: int8 has the fewest bytes of those
