@@ -1,7 +1,7 @@
 """train-student step time per KD mode reading the cache vs running the teacher online, one run.
 
     python benchmarks/bench_train.py [--shapes minilm,bert-base] [--modes exact,topk_tail,sampled,online]
-                                     [--steps 4] [--grad-accum 4] [--json OUT]
+                                     [--codecs int8,nf4,pq,pca] [--steps 4] [--grad-accum 4] [--json OUT]
 
 For each shape one cache is built (top-64 + log-sum-exp, 64 samples at T = 2 and int8 hidden
 states, so every KD mode reads the same cache), then the same student trains on the same
@@ -15,6 +15,9 @@ large batches. Shapes:
 - minilm: the shared teacher ../shared/teachers/minilm-l6-mlm (6 x 384) -> 3-layer student;
 - bert-base: a BERT-base-shaped teacher (12 x 768, V = 30,522; random weights, timing only)
   -> 6-layer DistilBERT student.
+`--codecs` adds, per codec, a cache of only the hidden states in that codec (`logits: none`, the
+same rows) and times exact-mode training from it (`exact@<codec>`); with int8 among them, each
+codec's tokens/s over int8's (`--modes ""` times only these).
 """
 
 from __future__ import annotations
@@ -54,13 +57,17 @@ def bert_base_teacher(work: Path) -> Path:
     return path
 
 
-def build_cache(teacher: Path, work: Path, sequences: int, seq_len: int) -> Path:
+def build_cache(teacher: Path, work: Path, sequences: int, seq_len: int, hidden: str | None = None) -> Path:
+    """Every KD mode's fields over int8 hidden states; or (`hidden`) only the hidden states, in that codec."""
+    outputs = {"logits": "both", "n_samples": 64, "sample_temperature": 2.0, "hidden_dtype": "int8"}
+    if hidden is not None:
+        outputs = {"logits": "none", "hidden_dtype": hidden}
     raw = {
         "max_sequences": sequences,
         "corpus": {"paths": [str(SHARED / "data/wikitext2-valid.txt")], "max_seq_len": seq_len},
         "teacher": {"name": str(teacher), "batch_size": 16},
-        "outputs": {"logits": "both", "n_samples": 64, "sample_temperature": 2.0, "hidden_dtype": "int8"},
-        "store": {"cache_dir": str(work / "home"), "output": str(work / f"cache-{teacher.name}")},
+        "outputs": outputs,
+        "store": {"cache_dir": str(work / "home"), "output": str(work / f"cache-{teacher.name}-{hidden or 'all'}")},
     }
     return run_cache(from_dict(CacheConfig, raw))
 
@@ -91,6 +98,9 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--grad-accum", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument(
+        "--codecs", default="", help="hidden codecs (e.g. int8,nf4,pq,pca) whose exact-mode training is timed"
+    )
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     setup_logging()
@@ -100,22 +110,24 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     shapes = {"minilm": (SHARED / "teachers/minilm-l6-mlm", 3), "bert-base": (None, 6)}
     modes = args.modes.split(",")
+    codecs = [c for c in args.codecs.split(",") if c]
     total = args.steps + args.warmup
     results = {}
     for name in args.shapes.split(","):
         teacher, layers = shapes[name]
         teacher = teacher or bert_base_teacher(work)
-        cache = build_cache(
-            teacher, work, sequences=max(96, total * args.micro_batch * args.grad_accum + 32), seq_len=args.seq_len
-        )
+        sequences = max(96, total * args.micro_batch * args.grad_accum + 32)
+        cache = build_cache(teacher, work, sequences, args.seq_len) if modes != [""] else None
+        runs = [(mode, cache, mode) for mode in modes if mode]
+        runs += [(f"exact@{c}", build_cache(teacher, work, sequences, args.seq_len, c), "exact") for c in codecs]
         timed = {}
-        for mode in modes:
+        for label, run_cache_dir, mode in runs:
             records = time_training(
-                cache, work / f"{name}-{mode}", layers, total, args.micro_batch, args.grad_accum, mode
+                run_cache_dir, work / f"{name}-{label}", layers, total, args.micro_batch, args.grad_accum, mode
             )
             measured = records[args.warmup :]
             step_time = sum(r["step_time_s"] for r in measured)
-            timed[mode] = {
+            timed[label] = {
                 "step_s": statistics.median(r["step_time_s"] for r in measured),
                 "data_wait_fraction": sum(r["data_wait_s"] for r in measured) / step_time,
                 "tok_s": sum(r["tokens"] for r in measured) / step_time,
@@ -124,9 +136,14 @@ def main() -> None:
         for r in timed.values():
             r["speedup_over_online"] = online["step_s"] / r["step_s"] if online else None
         ratio = timed["exact"]["tok_s"] / timed["topk_tail"]["tok_s"] if {"exact", "topk_tail"} <= set(timed) else None
+        reference = timed.get("exact@int8")
+        by_codec = {
+            c: timed[f"exact@{c}"]["tok_s"] / reference["tok_s"] for c in codecs if reference and f"exact@{c}" in timed
+        }
         results[name] = {
             "modes": timed,
             "exact_over_topk_tail": ratio,
+            "exact_tok_s_over_int8": by_codec,
             "student_layers": layers,
             "teacher": str(teacher),
         }
@@ -151,6 +168,8 @@ def main() -> None:
             )
         if r["exact_over_topk_tail"]:
             print(f"{name:<11}exact / topk_tail throughput: {r['exact_over_topk_tail']:.3f}")
+        for codec, ratio in r["exact_tok_s_over_int8"].items():
+            print(f"{name:<11}exact from {codec} / from int8 throughput: {ratio:.3f}")
     print(json.dumps(summary))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))

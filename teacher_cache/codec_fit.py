@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import time
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -112,8 +113,9 @@ def choose_hidden(cfg: CacheConfig, teacher: Teacher, corpus: PackedCorpus, spec
     outputs = cfg.outputs
     if outputs.hidden_dtype not in (*FITTED_CODECS, "auto"):
         return HiddenChoice(outputs)
+    start = time.perf_counter()
     sample, rows = pilot_hidden(cfg, teacher, corpus, spec)
-    pilot = {"sequences": rows, "tokens": len(sample)}
+    pilot = {"sequences": rows, "tokens": len(sample), "teacher_seconds": round(time.perf_counter() - start, 3)}
     record: dict = {"pilot": pilot}
     if outputs.hidden_dtype == "auto":
         outputs, candidates = _auto(cfg, teacher, sample)
@@ -121,10 +123,12 @@ def choose_hidden(cfg: CacheConfig, teacher: Teacher, corpus: PackedCorpus, spec
     record["codec"] = outputs.hidden_dtype
     if outputs.hidden_dtype not in FITTED_CODECS:
         return HiddenChoice(outputs, record=record)
+    start = time.perf_counter()
     fit, codes = _fit(outputs, sample, cfg.seed)
     blob = fit_bytes(fit)
     outputs = replace(outputs, hidden_codes=codes)
     record.update(codes=codes, fit_sha256=hashlib.sha256(blob).hexdigest())
+    record["fit_seconds"] = round(time.perf_counter() - start, 3)  # a one-off, before the first shard
     return HiddenChoice(outputs, fit, blob, record)
 
 

@@ -83,7 +83,8 @@ def hidden_codec_lines(record: dict | None) -> list[str]:
     line = f"  hidden codec {record['codec']}, settled on a pilot of {pilot['sequences']:,} sequences"
     line += f" ({pilot['tokens']:,} tokens)"
     if "fit_sha256" in record:
-        line += f"; fitted: {record['codes']} code bytes a token, sha256 {record['fit_sha256'][:12]}"
+        line += f"; fitted in {record['fit_seconds']:.1f} s: {record['codes']} code bytes a token"
+        line += f", sha256 {record['fit_sha256'][:12]}"
     lines = [line]
     if "candidates" in record:
         lines.append(f"  auto, fidelity_budget {record['budget']:g} (rebuilt-logit KL, T=1): " + ", ".join(

@@ -1,4 +1,4 @@
-"""`pipeline ablate`: one cache, five variants, one command; kill and rerun; the teacher never runs."""
+"""`pipeline ablate`: one cache, three variants, one command; kill and rerun; the teacher never runs."""
 
 import csv
 import json
@@ -38,8 +38,6 @@ GRID = {
     "variants": {
         "full": {},
         "no-ce": {"loss.alpha_ce": 0.0},
-        "no-cos": {"loss.alpha_cos": 0.0},
-        "no-mlm": {"loss.alpha_mlm": 0.0},
         "random-init": {"student.init": "random"},
     },
     "paper": {"source": "Sanh et al. 2019", "metric": "GLUE", "deltas": {"no-ce": -2.96, "random-init": -3.69}},
@@ -92,11 +90,11 @@ def test_sweep_killed_then_rerun_finishes_the_rest_without_the_teacher(setup, tm
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert done.stat().st_mtime_ns == finished_at, "a finished variant was redone"
-    assert "1 finished earlier, 4 to run" in result.stdout + result.stderr
+    assert "1 finished earlier, 2 to run" in result.stdout + result.stderr
     second_log = (out / "logs" / "no-ce.log").read_text()
     assert ("resumed from" in second_log) == had_checkpoint
     # every training process ran with the teacher's forward patched to raise
-    assert len((tmp_path / "patched.log").read_text().split()) >= 5
+    assert len((tmp_path / "patched.log").read_text().split()) >= 3
 
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["variant"] for r in rows] == list(GRID["variants"])

@@ -35,7 +35,7 @@ from tests.test_defaults import train_raw
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
-KILLS = 20
+KILLS = 8
 
 
 def env() -> dict:
@@ -72,8 +72,8 @@ def small_shards(cache_cfg):
 # ----------------------------------------------------------------------------- capture kills
 
 
-def test_kill_9_at_20_seeded_points_then_resume_gives_the_same_arrays(small_shards, tmp_path):
-    """20 kills spread over a whole capture (from the header appearing to the manifest), each
+def test_kill_9_at_8_seeded_points_then_resume_gives_the_same_arrays(small_shards, tmp_path):
+    """8 kills spread over a whole capture (from the header appearing to the manifest), each
     followed by a resume: every resumed cache equals the uninterrupted one and verifies."""
     reference = build(small_shards, output=str(tmp_path / "reference"))
     config = tmp_path / "c.yaml"

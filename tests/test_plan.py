@@ -17,7 +17,9 @@ from teacher_cache.run import run_cache
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("outputs", [{}, {"logits": "both", "n_samples": 8, "hidden_dtype": "float16"}])
+@pytest.mark.parametrize(
+    "outputs", [{}, {"logits": "both", "n_samples": 8, "hidden_dtype": "float16"}, {"hidden_dtype": "pq"}]
+)
 def test_the_plan_matches_the_cache_it_then_builds(cache_cfg, outputs):
     raw = copy.deepcopy(cache_cfg)
     raw["outputs"] = outputs
@@ -33,6 +35,13 @@ def test_the_plan_matches_the_cache_it_then_builds(cache_cfg, outputs):
     built = sum(f["bytes"] for f in counts["fields"].values())
     assert abs(plan["bytes"] - built) / built < 0.02, (plan["bytes"], built)
     assert "choices that change the bytes" in plan_text(plan)
+    choices = {c["hidden_dtype"]: c for c in plan["choices"]["hidden"]}
+    assert list(choices) == ["pq", "pca", "nf4", "int4", "int8", "float16", "float32"], (
+        "every codec, fewest bytes first"
+    )
+    assert choices["pq"]["codes"] == 8 and choices["float32"]["rebuilt_kl_t1"] == 0.0
+    assert choices["int8"]["rebuilt_kl_t1"] < choices["nf4"]["rebuilt_kl_t1"]
+    assert choices["pq"]["bytes_per_token"] < choices["nf4"]["bytes_per_token"] < choices["int8"]["bytes_per_token"]
 
 
 def test_plan_prints_json_and_takes_a_token_count(cache_cfg, tmp_path):
