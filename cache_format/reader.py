@@ -1,4 +1,5 @@
-"""Read access to a complete cache, checked when it opens and on every read.
+"""Read access to a complete cache, checked when it opens and on every read (or, `follow`, to a
+cache still being captured: only its committed shards, each checked as it becomes readable).
 
 Opening (training, evaluation, inspection) refuses a cache whose header and manifest disagree,
 whose identity does not hash to its fingerprint, whose manifest lacks a record the format
@@ -26,10 +27,10 @@ import torch
 from cache_format import shard_table
 from cache_format.chunks import EMPTY, ChunkError, ChunkLayout, decode_chunk, decode_crcs, parse_index, parse_layout
 from cache_format.fitted import FIT_FILE, FITTED_CODECS, fit_from_bytes
-from cache_format.head import load_head
+from cache_format.head import HEAD_FILE, load_head
 from cache_format.hidden import Fit
 from cache_format.lock import ReaderLease
-from cache_format.manifest import manifest_problems
+from cache_format.manifest import fingerprint, manifest_problems
 from cache_format.mirror import ShardMirror
 from cache_format.open_checks import check_open
 from cache_format.settings import (
@@ -50,10 +51,16 @@ from cache_format.store import (
     TEACHER_DIR,
     CacheStore,
     chunk_layout,
+    json_or_torn,
     record_problem,
 )
 from pipeline.config import from_dict
 from pipeline.errors import CacheError, ConfigError
+
+
+class NotCommitted(CacheError):
+    """What a follower needs (a shard, the teacher files) is not written yet: wait and ask again."""
+
 
 INDEX_CACHE = 4096
 """Shard indexes kept per process (each is 16 bytes a chunk): bounded whatever the shard count."""
@@ -71,6 +78,7 @@ class CacheReader:
         lease: bool = False,
         storage_options: dict | None = None,
         local_cache: tuple[str, float] | None = None,
+        follow: bool = False,
     ):
         self.storage = open_storage(location, storage_options)
         self.url = self.storage.url
@@ -89,7 +97,14 @@ class CacheReader:
                 f"(this distilcache reads v{FORMAT_VERSION}); rebuild it with `pipeline cache-teacher --overwrite`"
             )
         self.manifest = self.store.manifest
-        if require_complete and self.manifest is None:
+        self.following = follow and self.manifest is None
+        self.check = check
+        if self.following and not isinstance(self.header.get("side_files"), dict):
+            raise CacheError(
+                f"{self.url} is incomplete and was started by an older distilcache (its header records no teacher "
+                "files): it can be read once complete, not followed"
+            )
+        if require_complete and not follow and self.manifest is None:
             raise CacheError(
                 f"{self.url} is incomplete (no {MANIFEST}); rerun `pipeline cache-teacher` with the same config "
                 "to finish it"
@@ -104,13 +119,12 @@ class CacheReader:
         }
         self.table_rows = shard_table.offsets(self.layouts)
         self._records: OrderedDict[tuple[str, int], dict] = OrderedDict()
+        self._followed: dict[tuple[str, int], str] = {}
+        """sha256 of every commit record read before the manifest existed (checked against its table)."""
         if self.manifest is not None:
-            problems = manifest_problems(self.manifest)
-            if problems:
-                raise self.damaged(f"{MANIFEST} {problems[0]}")
-            self.table = self._load_table()
-            if check:
-                check_open(self)
+            self._open_complete()
+        elif self.following and fingerprint(self.header["identity"]) != self.header["fingerprint"]:
+            raise self.damaged(f"the identity in {HEADER} does not hash to its fingerprint (it was edited)")
         self.settings = self._settings()
         self.mirror = None
         self._data: Storage = self.storage
@@ -139,6 +153,48 @@ class CacheReader:
     def close(self) -> None:
         if self._lease is not None:
             self._lease.close()
+
+    def _open_complete(self) -> None:
+        problems = manifest_problems(self.manifest)
+        if problems:
+            raise self.damaged(f"{MANIFEST} {problems[0]}")
+        self.table = self._load_table()
+        if self.check:
+            check_open(self)
+
+    # -- following a growing cache -----------------------------------------------------
+
+    def refresh(self) -> bool:
+        """A follower's look at the cache: refuse it if it was replaced (another fingerprint), and
+        once its manifest exists, make the open-time checks and check every commit record read so
+        far against the shard table. True when the cache is complete."""
+        header, torn = json_or_torn(self.storage, HEADER)
+        if header is None or header.get("fingerprint") != self.header["fingerprint"]:
+            now = "torn" if torn else ("gone" if header is None else f"fingerprint {header.get('fingerprint')}")
+            raise CacheError(
+                f"{self.url} was replaced while this run followed it (fingerprint {self.header['fingerprint']}, now "
+                f"{now}); nothing of the new cache was read; start a new run on it"
+            )
+        if not self.following:
+            return True
+        manifest = self.store.manifest
+        if manifest is None:
+            return False
+        self.manifest, self.following = manifest, False
+        self._open_complete()
+        for (split, shard), digest in self._followed.items():
+            if bytes(self.table[self.table_rows[split] + shard]["record_sha256"]).hex() != digest:
+                raise self.damaged(f"{self.store.commit_key(split, shard)} changed after this run read its shard")
+        self._followed.clear()
+        self._teacher_dir = None  # checked again, against the manifest
+        self.settings = self._settings()
+        return True
+
+    def committed(self) -> set[tuple[str, int]]:
+        """(split, shard) of the shards committed so far (every one, once the cache is complete)."""
+        if not self.following:
+            return {(s, i) for s, lay in self.layouts.items() for i in range(lay.shards)}
+        return self.store.committed_names()
 
     # -- checks --------------------------------------------------------------------------
 
@@ -174,19 +230,27 @@ class CacheReader:
         if record is not None:
             self._records.move_to_end(key)
             return record
-        if self.manifest is None:
+        if self.manifest is None and not self.following:
             raise CacheError(f"{self.url} is incomplete (no {MANIFEST}); its shard records are not final")
         path = self.store.commit_key(split, shard)
         try:
             blob = self.storage.read_bytes(path)
         except FileNotFoundError:
+            if self.following:
+                raise NotCommitted(f"{split} shard {shard:05d} is not committed yet") from None
             raise self.damaged(f"{split} shard {shard:05d} has no commit record ({path})") from None
-        row = self.table[self.table_rows[split] + shard]
-        if _sha256(blob) != bytes(row["record_sha256"]).hex():
-            raise self.damaged(
-                f"{path} differs from the manifest's shard table (edited, swapped or from another cache)"
-            )
-        record = json.loads(blob)
+        if self.following:  # no table yet: the record must name this cache and place (below)
+            self._followed[key] = _sha256(blob)
+        else:
+            row = self.table[self.table_rows[split] + shard]
+            if _sha256(blob) != bytes(row["record_sha256"]).hex():
+                raise self.damaged(
+                    f"{path} differs from the manifest's shard table (edited, swapped or from another cache)"
+                )
+        try:
+            record = json.loads(blob)
+        except ValueError:
+            raise self.damaged(f"{path} is torn (not valid JSON)") from None
         problem = record_problem(record, self.header["fingerprint"], self.layouts, list(self.fields.values()))
         if problem is not None:
             raise self.damaged(f"{path} {problem}")
@@ -209,11 +273,16 @@ class CacheReader:
                 outputs=from_dict(OutputsConfig, identity["outputs"]),
                 teacher=TeacherInfo(**meta["teacher"]),
                 tokenizer=TokenizerInfo(**meta["tokenizer"]),
-                head=bool((self.manifest or {}).get("head", False)),
+                head=self._has_head(),
                 splits=list(self.layouts),
             )
         except (ConfigError, KeyError, TypeError) as exc:
             raise self.damaged(f"its settings do not load ({exc})") from None
+
+    def _has_head(self) -> bool:
+        if self.manifest is not None:
+            return bool(self.manifest.get("head", False))
+        return f"{TEACHER_DIR}/{HEAD_FILE}" in self.header.get("side_files", {})
 
     # -- teacher files -------------------------------------------------------------------
 
@@ -223,7 +292,7 @@ class CacheReader:
         copy under $DISTILCACHE_HOME/remote/<fingerprint>/, made once."""
         if self._teacher_dir is not None:
             return self._teacher_dir
-        if self.manifest is None:
+        if self.manifest is None and not self.following:
             raise CacheError(f"{self.url} is incomplete (no {MANIFEST}); its teacher files are not recorded yet")
         if self.is_local:
             directory = self.storage.local_path(TEACHER_DIR)
@@ -241,7 +310,16 @@ class CacheReader:
         return directory
 
     def _teacher_problem(self, directory: Path) -> str | None:
-        recorded = {k: v for k, v in self.manifest["teacher_files"].items() if k.startswith(f"{TEACHER_DIR}/")}
+        """What is wrong with the teacher files against the manifest's records (before the manifest,
+        against the header's, written first: NotCommitted while one is still missing)."""
+        if self.following:
+            recorded = self.header["side_files"]
+            for key in recorded:
+                if not (directory / key[len(TEACHER_DIR) + 1 :]).is_file():
+                    raise NotCommitted(f"{key} is not written yet")
+        else:
+            recorded = self.manifest["teacher_files"]
+        recorded = {k: v for k, v in recorded.items() if k.startswith(f"{TEACHER_DIR}/")}
         present = {f"{TEACHER_DIR}/{p.relative_to(directory).as_posix()}" for p in directory.rglob("*") if p.is_file()}
         for key in sorted(present - set(recorded)):
             return f"{key} is not recorded in {MANIFEST} (added after the capture)"
@@ -252,7 +330,8 @@ class CacheReader:
             blob = path.read_bytes()
             if len(blob) != meta["bytes"] or _sha256(blob) != meta["sha256"]:
                 return (
-                    f"{key} differs from the manifest's record (edited or damaged: the teacher's targets would change)"
+                    f"{key} differs from the {'header' if self.following else 'manifest'}'s record (edited or "
+                    "damaged: the teacher's targets would change)"
                 )
         return None
 
@@ -346,6 +425,8 @@ class CacheReader:
             return
         lay = self.layouts[split]
         shards = sorted({b * lay.block_rows // lay.shard_rows for b in blocks})
+        if self.following:  # only what is committed: the rest is fetched when it is
+            shards = [s for s in shards if (split, s) in self.store.committed_names()]
         files = [self.record(split, s)["files"][n] for s in shards for n in names]
         self.mirror.prefetch([(m["path"], m["bytes"], m["sha256"]) for m in files])
 

@@ -77,6 +77,13 @@ def write_card(directory: Path, lineage: dict, evaluation: dict | None) -> Path:
         f"vocabulary {lineage['vocab_size']:,}.",
         "- Machine-readable lineage: `distill.json`.",
     ]
+    followed = lineage.get("followed")
+    if followed:
+        lines.insert(-1, (
+            f"- Trained while the cache was captured (`--follow`): {followed['committed_at_start']}/"
+            f"{followed['shards']} shards committed at the start, {followed['committed_at_end']} at the end; it read "
+            f"{len(followed['shards_read'])} of them."
+        ))  # fmt: skip
     if evaluation:
         s, t = evaluation["student"], evaluation["teacher"]
         lines += [

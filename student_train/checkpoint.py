@@ -41,9 +41,12 @@ RESUMABLE_KEYS = {
     "keep_checkpoints",
     "data.num_workers",
     "data.prefetch_groups",
+    "data.follow",
+    "data.follow_timeout",
 }
 """Keys a resumed run may change: where the run directory is (a moved or copied run resumes),
-logging, evaluation and checkpoint cadence, reader workers. Everything else changes the data
+logging, evaluation and checkpoint cadence, reader workers, following a growing cache or not
+(the data are the same). Everything else changes the data
 order, the model, the optimizer or the schedule (the cache's path may change too when its
 fingerprint does not)."""
 

@@ -133,6 +133,17 @@ class DataConfig:
     """Micro-batches per optimizer step."""
     mix_blocks: int = 8
     """Chunk-aligned blocks whose rows are shuffled together (per stream)."""
+    order: Literal["global", "windowed"] = "global"
+    """Block order of an epoch: one seeded permutation of all blocks (global), or a seeded permutation
+    inside each window of `window_shards` consecutive shards, window after window (windowed: what a
+    cache still being written can serve, `follow`)."""
+    window_shards: int = 8
+    """Shards per window of the windowed order (more: better mixing, longer waits when following)."""
+    follow: bool = False
+    """Train while the cache is being captured: read only committed shards, waiting for the next one
+    the order needs (`train-student --follow`); needs the windowed order."""
+    follow_timeout: float = 600.0
+    """Seconds without a new commit after which a follower stops (with a checkpoint to resume from)."""
     streams: int | None = None
     """Canonical data streams (null: one per process). Micro-batches are identical for every process
     count that divides it: set it (e.g. 8) to compare or resume runs across cluster sizes."""
@@ -159,6 +170,12 @@ class DataConfig:
             problems.append("streams: must be positive or null")
         if self.num_workers < 0:
             problems.append("num_workers: must be >= 0")
+        if self.window_shards < 1:
+            problems.append("window_shards: must be at least 1")
+        if self.follow and self.order != "windowed":
+            problems.append("follow: a growing cache serves only the windowed order; set data.order=windowed")
+        if self.follow_timeout <= 0:
+            problems.append("follow_timeout: must be positive (seconds)")
         if self.local_cache_gb < 0:
             problems.append("local_cache_gb: must be >= 0 (0 disables the local cache)")
         return problems
@@ -218,9 +235,14 @@ class TrainConfig:
 
 
 def reader_options(data: DataConfig) -> dict:
-    """CacheReader keyword arguments for a run's cache: object-store options and the local disk cache."""
+    """CacheReader keyword arguments for a run's cache: object-store options, the local disk cache,
+    following a growing cache."""
     directory = data.local_cache_dir or f"{DEFAULT_CACHE_DIR}/mirror"
-    return {"storage_options": data.storage_options or None, "local_cache": (directory, data.local_cache_gb)}
+    return {
+        "storage_options": data.storage_options or None,
+        "local_cache": (directory, data.local_cache_gb),
+        "follow": data.follow,
+    }
 
 
 @dataclass

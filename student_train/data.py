@@ -2,7 +2,9 @@
 
 Order of an epoch (all pure functions of seed, epoch and the layout):
 - epoch e reads mask view e mod V (the blocks holding rows of that view);
-- those blocks are permuted with (seed, e) and dealt round-robin to `streams` canonical streams;
+- those blocks are permuted with (seed, e) — all at once (`data.order: global`), or inside each
+  window of `data.window_shards` consecutive shards, window after window (`windowed`: what a
+  growing cache can serve) — and dealt round-robin to `streams` canonical streams;
 - each stream reads its blocks in groups of `mix_blocks` and shuffles the rows of a group;
 - a global micro-batch (micro_batch_size x world rows) takes the same number of rows from every
   stream; rank r serves the streams s = r (mod world), so a process reads only its own blocks.
@@ -33,7 +35,9 @@ from cache_format.reader import CacheReader
 from cache_format.rng import STREAM_BLOCKS, STREAM_ROWS, derive_seed, permutation
 from cache_format.settings import CacheSettings
 from pipeline.errors import DistilcacheError
+from pipeline.log import setup_logging
 from student_train.config import DataConfig, reader_options
+from student_train.follow import Follower
 
 CLOUD_ENV = ("AWS_", "GOOGLE_", "AZURE_", "DISTILCACHE_")
 
@@ -80,12 +84,36 @@ class EpochPlan:
     batches: int
 
 
+def block_order(
+    layout: SplitLayout, blocks: np.ndarray, seed: int, epoch: int, window_shards: int | None
+) -> np.ndarray:
+    """Positions into `blocks` in the order epoch `epoch` reads them: one seeded permutation of all
+    of them (`window_shards` None, the global order), or a seeded permutation inside each window of
+    `window_shards` consecutive shards, the windows in shard order (a growing cache can serve it:
+    reading never looks further ahead than the window it is in)."""
+    if window_shards is None:
+        return permutation(seed, STREAM_BLOCKS, len(blocks), view=epoch)
+    per_shard = layout.shard_rows // layout.block_rows
+    window = blocks // (per_shard * window_shards)
+    order = []
+    for w in np.unique(window):  # blocks ascend, so windows do too
+        inside = np.flatnonzero(window == w)
+        order.append(inside[permutation(derive_seed(seed, epoch, int(w)), STREAM_BLOCKS, len(inside))])
+    return np.concatenate(order) if order else np.zeros(0, dtype=np.int64)
+
+
 def plan_epoch(
-    layout: SplitLayout, seed: int, epoch: int, streams: int, mix_blocks: int, global_batch: int
+    layout: SplitLayout,
+    seed: int,
+    epoch: int,
+    streams: int,
+    mix_blocks: int,
+    global_batch: int,
+    window_shards: int | None = None,
 ) -> EpochPlan:
     view = epoch % layout.views
     blocks, rows = view_blocks(layout, view)
-    order = permutation(seed, STREAM_BLOCKS, len(blocks), view=epoch)
+    order = block_order(layout, blocks, seed, epoch, window_shards)
     groups, group_rows = [], []
     for s in range(streams):
         mine = order[s::streams]
@@ -112,12 +140,14 @@ class GroupDataset(Dataset):
         plans: dict[int, EpochPlan],
         options: dict,
         ahead: int,
+        follow_timeout: float = 0.0,
     ):
         self.location, self.split, self.fields, self.seed = location, split, fields, seed
-        self.plans, self.options, self.ahead = plans, options, ahead
+        self.plans, self.options, self.ahead, self.follow_timeout = plans, options, ahead, follow_timeout
         # the object-store credentials of this process: a forkserver worker may predate them
         self.env = {k: v for k, v in os.environ.items() if k.startswith(CLOUD_ENV)}
         self._reader: CacheReader | None = None
+        self._follower: Follower | None = None
 
     def __len__(self) -> int:  # items are addressed by key, not by position
         return 0
@@ -132,8 +162,16 @@ class GroupDataset(Dataset):
         if self._reader is None:
             os.environ.update(self.env)
             self._reader = CacheReader(self.location, check=False, **self.options)
+            if self._reader.following:
+                self._follower = Follower(self._reader, self.follow_timeout)
+                if torch.utils.data.get_worker_info() is not None:  # a fresh interpreter: its waiting lines too
+                    setup_logging()
         reader, plan = self._reader, self.plans[epoch]
         names = [*BASE_FIELDS, *self.fields.teacher]
+        if self._follower is not None:  # a growing cache: wait until the group's shards are committed
+            per_shard = reader.layouts[self.split].shard_rows // reader.layouts[self.split].block_rows
+            for shard in sorted({int(b) // per_shard for b in plan.groups[stream][group]}):
+                self._follower.wait(functools.partial(reader.record, self.split, shard), self.split, shard)
         upcoming = plan.groups[stream][group + 1 : group + 1 + self.ahead]  # a remote cache: fetch ahead
         reader.prefetch_blocks(self.split, [int(b) for g in upcoming for b in g], names)
         parts = [reader.read_block(self.split, int(b), names) for b in plan.groups[stream][group]]
@@ -237,16 +275,23 @@ class CacheBatches:
         self.layout = reader.layouts[cfg.split]
         self.epoch, self.batch = 0, 0
         self._plans: dict[int, EpochPlan] = {}
+        self._read: set[int] = set()
 
     def plan(self, epoch: int) -> EpochPlan:
         if epoch not in self._plans:
+            window = self.cfg.window_shards if self.cfg.order == "windowed" else None
+            global_batch = self.cfg.micro_batch_size * self.world
             self._plans[epoch] = plan_epoch(
-                self.layout, self.seed, epoch, self.streams, self.cfg.mix_blocks, self.cfg.micro_batch_size * self.world
+                self.layout, self.seed, epoch, self.streams, self.cfg.mix_blocks, global_batch, window
             )
         return self._plans[epoch]
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batch": self.batch, "streams": self.streams}
+
+    def shards_read(self) -> list[int]:
+        """Shards of the split whose blocks this process has taken rows from (in this process's life)."""
+        return sorted(self._read)
 
     def load_state_dict(self, state: dict) -> None:
         if state["streams"] != self.streams:
@@ -282,6 +327,7 @@ class CacheBatches:
                 {plan.epoch: plan},
                 reader_options(self.cfg),
                 self.cfg.prefetch_groups,
+                self.cfg.follow_timeout,
             ),
             sampler=keys,
             batch_size=None,
@@ -302,9 +348,11 @@ class CacheBatches:
             for s in mine:
                 while len(buffers[s]) < plan.rows_per_stream:
                     if not pending[s]:
-                        for (_, stream, _), group in items:  # fetch until stream s has a group
+                        for (_, stream, g), group in items:  # fetch until stream s has a group
                             if isinstance(group, WorkerFailure):
                                 raise group.error(group.message)
+                            self._read.update(int(b) * self.layout.block_rows // self.layout.shard_rows
+                                              for b in plan.groups[stream][g])  # fmt: skip
                             pending[stream].append(group)
                             if stream == s:
                                 break

@@ -22,10 +22,11 @@ def export_student(
     cfg: TrainConfig,
     tokens: int = 0,
     evaluation: dict | None = None,
+    followed: dict | None = None,
 ) -> Path:
     """Consolidate the fp32 weights of checkpoint `step` (ZeRO-3 shards included) into `run_dir/final`:
     save_pretrained model + tokenizer (+ the cosine projection), its lineage (distill.json) and its
-    model card (README.md)."""
+    model card (README.md). `followed`: how the run followed a cache still being captured."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import save_file
     from transformers import AutoModelForMaskedLM
@@ -44,7 +45,7 @@ def export_student(
     if projection:
         save_file(projection, str(out / "distill_projection.safetensors"))
     settings = reader.settings
-    corpus = (reader.manifest or {}).get("config", {}).get("corpus", {})
+    corpus = (reader.manifest or reader.header).get("config", {}).get("corpus", {})
     lineage = {
         "cache": reader.url,
         "cache_fingerprint": settings.fingerprint,
@@ -56,6 +57,7 @@ def export_student(
         "step": step,
         "tokens": tokens,
         "evaluation": evaluation,
+        "followed": followed,
         "config": to_dict(cfg),
     }
     (out / LINEAGE).write_text(json.dumps(lineage, indent=2))

@@ -41,6 +41,7 @@ from student_train.config import TrainConfig, reader_options
 from student_train.data import CacheBatches, DevicePrefetch, FieldSelection, to_device
 from student_train.evaluate import evaluate, load_rows, table
 from student_train.export import export_student
+from student_train.follow import CaptureStalled, Follower
 from student_train.metrics import MetricsLog, StepStats
 from student_train.model import DistillModule, init_from_teacher, student_config
 from student_train.run_dir import SUMMARY_FILE, RunDir
@@ -83,14 +84,22 @@ class Trainer:
 
         cfg = self.cfg
         self.reader = CacheReader(cfg.cache, lease=True, **reader_options(cfg.data))
-        teacher_dir = self.reader.teacher_dir()
+        self.follower = Follower(self.reader, cfg.data.follow_timeout) if self.reader.following else None
+        self.followed = None
+        if self.follower is not None:
+            self.followed = {"cache_fingerprint": self.reader.settings.fingerprint, **self._progress("at_start")}
+            log.info(
+                "following %s while it is captured: %d/%d shards committed", self.reader.url,
+                self.followed["committed_at_start"], self.followed["shards"],
+            )  # fmt: skip
+        teacher_dir = self._wait(self.reader.teacher_dir)  # written right after the header
         self.teacher_config = AutoConfig.from_pretrained(teacher_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
         config = student_config(cfg.student, self.teacher_config)
         problems = check_cache(self.reader, cfg, config, tokenizer_sha256(self.tokenizer), self.online)
         if problems:
             raise DistilcacheError(f"cache {self.reader.url} does not fit this run: " + "; ".join(problems))
-        advice = None if self.online else kd_mode_advice(self.reader, cfg)
+        advice = None if self.online or self.follower else kd_mode_advice(self.reader, cfg)
         if advice and self.rank == 0:
             log.warning("%s", advice)
         student = AutoModelForMaskedLM.from_config(config)
@@ -163,8 +172,8 @@ class Trainer:
                 f"{cfg.data.micro_batch_size * self.world} sequences; lower data.micro_batch_size, "
                 "data.grad_accum_steps or raise epochs"
             )
-        eval_split = "eval" if "eval" in self.reader.splits else None
-        self.eval_rows = load_rows(self.reader, eval_split, cfg.eval_sequences) if eval_split else None
+        self.eval_split = "eval" if "eval" in self.reader.splits else None
+        self.eval_rows = None  # read at the first evaluation (a follower: once the capture got there)
 
     def _setup_engine(self) -> None:
         import deepspeed
@@ -187,6 +196,7 @@ class Trainer:
                 "precision": self.precision,
                 "exact_head_dtype": str(self.head_dtype).removeprefix("torch."),
                 "total_steps": self.total_steps,
+                "followed": self.followed,
                 "versions": library_versions(),
             }
             (self.run_dir / "run.json").write_text(json.dumps(run, indent=2))
@@ -205,9 +215,14 @@ class Trainer:
         while self.step < self.total_steps:
             sums = torch.zeros(7, dtype=torch.float64)
             t_step, wait = time.perf_counter(), 0.0
+            at_step_start = self.batches.state_dict()
             for _ in range(accum):
                 t0 = time.perf_counter()
-                batch = next(batches)
+                try:
+                    batch = next(batches)
+                except CaptureStalled as exc:  # the capture died: keep what was learnt, to resume from
+                    saved = self.save_checkpoint(at_step_start)
+                    raise DistilcacheError(f"{exc}; checkpoint {saved.name} saved") from None
                 wait += time.perf_counter() - t0
                 loss, parts = self._loss_step(batch)
                 self.engine.backward(loss)
@@ -232,8 +247,12 @@ class Trainer:
         loop = stats.summary()  # the training loop's own time and throughput, before checkpoint and eval
         self.save_checkpoint()
         result = self._evaluate()
+        if self.followed is not None:
+            self.followed |= self._progress("at_end") | {"shards_read": self.batches.shards_read()}
         export = self.export(int(stats.tokens), result)
         summary = loop | {"eval": result, "export": str(export), "run_dir": str(self.run_dir)}
+        if self.followed is not None:
+            summary["followed"] = self.followed
         if self.rank == 0:
             log.info("%s", stats.summary_text(summary, table(result) if result else None))
             # written last: its presence marks a finished run (pipeline ablate skips those)
@@ -278,8 +297,10 @@ class Trainer:
         return loss, parts
 
     def _evaluate(self) -> dict | None:
-        if self.eval_rows is None:
+        if self.eval_split is None:
             return None
+        if self.eval_rows is None:
+            self.eval_rows = self._wait(lambda: load_rows(self.reader, self.eval_split, self.cfg.eval_sequences))
         self.engine.eval()
         positions, final = self.reader.settings.outputs.logit_positions, self.step == self.total_steps
         args = (self.head, positions, self.cfg.data.micro_batch_size, self.device, final)
@@ -295,11 +316,23 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- checkpoints
 
-    def save_checkpoint(self) -> Path:
-        """DeepSpeed checkpoint + client state (step, data position, config) + every rank's RNG state."""
+    def _wait(self, fn: Callable):
+        """fn(), waiting for what it reads to be committed when following a growing cache."""
+        return fn() if self.follower is None else self.follower.wait(fn)
+
+    def _progress(self, when: str) -> dict:
+        """How far the capture was (shards committed) at the start or end of a following run."""
+        self.reader.refresh()
+        return {f"committed_{when}": len(self.reader.committed()), "shards": sum(
+            lay.shards for lay in self.reader.layouts.values()
+        ), f"complete_{when}": not self.reader.following}  # fmt: skip
+
+    def save_checkpoint(self, data_state: dict | None = None) -> Path:
+        """DeepSpeed checkpoint + client state (step, data position, config) + every rank's RNG state;
+        `data_state`: the data position of this step's start (default: now)."""
         client = {
             "step": self.step,
-            "data": self.batches.state_dict(),
+            "data": data_state or self.batches.state_dict(),
             "config": to_dict(self.cfg),
             "cache_fingerprint": self.reader.settings.fingerprint,
         }
@@ -341,7 +374,15 @@ class Trainer:
         if self.rank == 0:
             config = self.module.student.config
             out = export_student(
-                self.run_dir, self.step, config, self.tokenizer, self.reader, self.cfg, tokens, evaluation
+                self.run_dir,
+                self.step,
+                config,
+                self.tokenizer,
+                self.reader,
+                self.cfg,
+                tokens,
+                evaluation,
+                self.followed,
             )
         torch_dist.barrier()
         return out

@@ -12,27 +12,22 @@ import hashlib
 import json
 import logging
 import shutil
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
-from safetensors.torch import save as safetensors_bytes
 
 from cache_format.chunks import ChunkError, parse_layout
-from cache_format.head import HEAD_FILE, find_head, head_state
 from cache_format.lock import WriterLock, live_holders
 from cache_format.manifest import build_manifest, manifest_problems, scan_commits
 from cache_format.storage import LocalStorage, Storage
-from cache_format.store import DATA, HEADER, LOCKS, MANIFEST, TEACHER_DIR, CacheStore, chunk_layout, json_or_torn
+from cache_format.store import DATA, HEADER, LOCKS, MANIFEST, CacheStore, chunk_layout, json_or_torn
 from pipeline.config import identity_diff
 from pipeline.errors import CacheError
 from pipeline.log import human_bytes
 from pipeline.versions import library_versions
 from teacher_cache.config import CacheConfig
 from teacher_cache.corpus import PackedCorpus
-from teacher_cache.plan import CachePlan, recorded
-from teacher_cache.teacher import Teacher
+from teacher_cache.plan import CachePlan, file_records, recorded
 
 log = logging.getLogger(__name__)
 COUNTS = "token_counts"
@@ -109,28 +104,6 @@ def _resume(store: CacheStore, header: dict, header_torn: bool) -> str:
 # ----------------------------------------------------------------------------- side files
 
 
-def side_files(teacher: Teacher) -> dict[str, bytes]:
-    """The teacher files stage two needs (config, MLM head, tokenizer) by storage key, in memory:
-    nothing is written before free space has been checked."""
-    files: dict[str, bytes] = {}
-    head = find_head(teacher.model)
-    if head is None:
-        log.warning(
-            "unknown MLM head for %s: the cache cannot rebuild exact logits (kd mode `exact`)",
-            teacher.model.config.model_type,
-        )
-    else:
-        files[f"{TEACHER_DIR}/{HEAD_FILE}"] = safetensors_bytes(head_state(head))
-    with tempfile.TemporaryDirectory() as tmp:  # config and tokenizer files: a few MB at most
-        directory = Path(tmp)
-        teacher.model.config.save_pretrained(directory)
-        teacher.tokenizer.save_pretrained(directory)
-        for path in sorted(directory.rglob("*")):
-            if path.is_file():
-                files[f"{TEACHER_DIR}/{path.relative_to(directory).as_posix()}"] = path.read_bytes()
-    return files
-
-
 def _changed(storage: Storage, files: dict[str, bytes]) -> dict[str, bytes]:
     """The files whose stored copy is missing or differs (a kill may have cut one short)."""
     out = {}
@@ -141,10 +114,18 @@ def _changed(storage: Storage, files: dict[str, bytes]) -> dict[str, bytes]:
     return out
 
 
-def prepare(store: CacheStore, plan: CachePlan, teacher: Teacher, corpus: PackedCorpus) -> None:
+def prepare(store: CacheStore, plan: CachePlan, corpus: PackedCorpus) -> None:
     """Write the side files (the teacher's, and the plan's fitted codec) that are missing or differ,
-    once free space for them and for every pending shard has been checked."""
-    files = _changed(store.storage, {**side_files(teacher), **plan.side_files})
+    once free space for them and for every pending shard has been checked. They must be the files
+    the header records (a follower checks them against it before the manifest exists)."""
+    files = _changed(store.storage, plan.side_files)
+    in_header, planned = store.header.get("side_files"), file_records(plan.side_files)
+    if in_header is not None and in_header != planned:
+        differ = sorted(k for k in set(in_header) | set(planned) if in_header.get(k) != planned.get(k))
+        raise CacheError(
+            f"{store.url}: this environment writes other teacher files ({', '.join(differ)}) than the capture "
+            "that started the cache (another transformers version?); finish it where it started, or --overwrite"
+        )
     counts = np.asarray(corpus.counts, dtype=np.int64)
     counts_key = f"{DATA}/{COUNTS}/c/0"
     rewrite_counts = not store.storage.exists(counts_key) or not _same_counts(store, counts)

@@ -50,7 +50,7 @@ def run_local(cfg: CacheConfig, overwrite: bool, dist: DistEnv, capture: ShardCa
             store, state = open_for_capture(storage, plan.header, overwrite, lock)
             log.info("cache %s: %s (fingerprint %s)", plan.location, state, plan.fingerprint[:12])
             if state != "complete":
-                prepare(store, plan, capture.teacher, capture.corpus)
+                prepare(store, plan, capture.corpus)
         fence = Fence(storage, dist.broadcast(lock.token), lock.record if dist.is_main else None)
         store = CacheStore(storage)
         if store.manifest is not None:
@@ -97,7 +97,7 @@ def join_cache(storage: Storage, capture: ShardCapture, wait_s: float = 600.0) -
         try:
             store, state = open_for_capture(storage, capture.plan.header, overwrite=False, lock=lock)
             if state != "complete":
-                prepare(store, capture.plan, capture.teacher, capture.corpus)
+                prepare(store, capture.plan, capture.corpus)
             return store
         finally:
             lock.release()
@@ -176,7 +176,7 @@ def run_ray(cfg: CacheConfig, capture: ShardCapture, storage: Storage, address: 
         store, state = open_for_capture(storage, capture.plan.header, overwrite=False, lock=lock)
         if state == "complete":
             return
-        prepare(store, capture.plan, capture.teacher, capture.corpus)
+        prepare(store, capture.plan, capture.corpus)
         pending = store.pending()
         if not ray.is_initialized():
             ray.init(address=address, include_dashboard=False, log_to_driver=False)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import re
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from safetensors.torch import save as safetensors_bytes
 
 from cache_format.fitted import FIT_FILE, FITTED_CODECS
-from cache_format.head import find_head
+from cache_format.head import HEAD_FILE, find_head, head_state
 from cache_format.layout import FieldSpec, SplitLayout, field_specs, shard_rows_for
 from cache_format.manifest import make_header
 from cache_format.settings import OutputsConfig
@@ -20,6 +24,8 @@ from teacher_cache.codec_fit import HiddenChoice
 from teacher_cache.config import CacheConfig
 from teacher_cache.corpus import PackedCorpus
 from teacher_cache.teacher import Teacher
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -32,7 +38,8 @@ class CachePlan:
     fields: list[FieldSpec]
     layouts: dict[str, SplitLayout]
     side_files: dict[str, bytes] = field(default_factory=dict)
-    """Files the plan itself made (a fitted hidden codec's tensors), by storage key."""
+    """The teacher files stage two needs (config, MLM head, tokenizer, a fitted hidden codec's
+    tensors) by storage key, in memory: nothing is written before free space has been checked."""
 
     @property
     def fingerprint(self) -> str:
@@ -106,7 +113,7 @@ def build_plan(
         "outputs": identity_outputs(choice.outputs),
         "layout": {n: [lay.block_rows, lay.shard_rows] for n, lay in layouts.items()},
     }
-    side = {}
+    side = teacher_files(teacher)
     if choice.fit_file is not None:  # the fitted tensors are part of what the cache is
         identity["hidden_fit_sha256"] = choice.record["fit_sha256"]
         side[f"{TEACHER_DIR}/{FIT_FILE}"] = choice.fit_file
@@ -115,9 +122,36 @@ def build_plan(
     )
     if choice.record is not None:
         header["hidden_codec"] = choice.record
+    header["side_files"] = file_records(side)  # what a follower checks them against before the manifest
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(cfg.teacher.name.rstrip("/")).name) or "teacher"
     default = Path(cfg.store.cache_dir).expanduser() / f"{slug}-{header['fingerprint'][:12]}"
     return CachePlan(str(cfg.store.output or default), header, fields, layouts, side)
+
+
+def teacher_files(teacher: Teacher) -> dict[str, bytes]:
+    """The teacher's config, MLM head and tokenizer files by storage key."""
+    files: dict[str, bytes] = {}
+    head = find_head(teacher.model)
+    if head is None:
+        log.warning(
+            "unknown MLM head for %s: the cache cannot rebuild exact logits (kd mode `exact`)",
+            teacher.model.config.model_type,
+        )
+    else:
+        files[f"{TEACHER_DIR}/{HEAD_FILE}"] = safetensors_bytes(head_state(head))
+    with tempfile.TemporaryDirectory() as tmp:  # config and tokenizer files: a few MB at most
+        directory = Path(tmp)
+        teacher.model.config.save_pretrained(directory)
+        teacher.tokenizer.save_pretrained(directory)
+        for path in sorted(directory.rglob("*")):
+            if path.is_file():
+                files[f"{TEACHER_DIR}/{path.relative_to(directory).as_posix()}"] = path.read_bytes()
+    return files
+
+
+def file_records(files: dict[str, bytes]) -> dict[str, dict]:
+    """{key: {bytes, sha256}} of in-memory files (what the header and the manifest record)."""
+    return {k: {"bytes": len(v), "sha256": hashlib.sha256(v).hexdigest()} for k, v in sorted(files.items())}
 
 
 def recorded(cfg: CacheConfig) -> dict:

@@ -13,6 +13,12 @@ from pipeline.errors import DistilcacheError
 @click.option("--online-teacher", is_flag=True, help="Run the teacher every step (the fidelity/speed baseline).")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in output_dir.")
 @click.option("--overwrite", is_flag=True, help="Start over in an output_dir that holds an earlier run.")
+@click.option(
+    "--follow",
+    is_flag=True,
+    help="Train while the cache is captured: read committed shards, wait for the next (data.follow; "
+    "needs data.order=windowed).",
+)
 @click.option("--local_rank", "--local-rank", "local_rank", type=int, default=None, hidden=True)
 @guard
 def train_student(
@@ -22,6 +28,7 @@ def train_student(
     online_teacher: bool,
     resume: bool,
     overwrite: bool,
+    follow: bool,
     local_rank: int | None,
 ) -> None:
     """Train a student with DeepSpeed ZeRO from a teacher cache (section `train`).
@@ -32,7 +39,9 @@ def train_student(
     from student_train.config import TrainConfig
     from student_train.trainer import run_train
 
-    cfg = resolve(TrainConfig, "train", config_path, overrides, print_config)
+    cfg = resolve(
+        TrainConfig, "train", config_path, overrides + (("data.follow=true",) if follow else ()), print_config
+    )
     if resume and overwrite:
         raise DistilcacheError("--resume and --overwrite exclude each other; pick one")
     summary = run_train(cfg, online_teacher=online_teacher, resume=resume, overwrite=overwrite)
