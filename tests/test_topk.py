@@ -2,14 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from cache_format.encode import (
-    decode_hidden,
-    decode_values,
-    dequantize_int8,
-    encode_hidden,
-    encode_values,
-    quantize_int8,
-)
+from cache_format.encode import decode_values, dequantize_int8, encode_values, quantize_int8
+from cache_format.hidden import decode_hidden, encode_hidden
 from teacher_cache.topk import chunked_logit_stats, topk_logsumexp
 
 
