@@ -16,6 +16,8 @@ config gives the same bytes on the same hardware.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
@@ -28,9 +30,13 @@ FIT_FILE = "hidden_codec.safetensors"
 """The fitted tensors of the cache's hidden codec, under the cache's teacher directory."""
 CENTROIDS = 256
 KMEANS_STEPS = 25
-ASSIGN_CHUNK = 256
-"""Tokens assigned to centroids at once: a (M, chunk, 256) distance tensor of 25 MB at M = 96, the
+ASSIGN_CHUNK = 4096
+"""Tokens assigned to centroids in one compiled call (the last chunk zero-padded to it, so one
+shape compiles once): one capture batch of 32 x 128."""
+EAGER_CHUNK = 256
+"""Tokens a chunk without the compiler: a (M, chunk, 256) distance tensor of 25 MB at M = 96, the
 fastest of 16-2,048 on a CPU (measured)."""
+log = logging.getLogger(__name__)
 
 
 def default_codes(hidden_size: int) -> int:
@@ -70,12 +76,46 @@ def fit_pq(sample: torch.Tensor, subvectors: int, seed: int) -> dict[str, torch.
     return {"codebook": book.float().contiguous()}
 
 
+def _nearest(x: torch.Tensor, book: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """argmin over centroids of |c|² - 2 x·c: (M, n, d), (M, K, d), (M, 1, K) -> (M, n). Compiled,
+    it is one loop that never holds the (M, n, K) distances: 2-3x the batched GEMM + argmin on a
+    CPU, where that tensor's memory traffic is the cost (benchmarks/bench_codecs.py)."""
+    return (norms - 2 * (x[:, :, None, :] * book[:, None, :, :]).sum(-1)).argmin(-1)
+
+
+_nearest_compiled = torch.compile(_nearest, dynamic=False)
+_compiler = {"failed": False}
+
+
 def _assign(x: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
-    """Nearest centroid of every sub-vector: (M, N, d), (M, K, d) -> (M, N) int64."""
+    """Nearest centroid of every sub-vector: (M, N, d), (M, K, d) -> (M, N) int64. Compiled where
+    torch.compile works (TORCHDYNAMO_DISABLE=1 turns it off), else in chunks of batched GEMMs."""
     norms = (book * book).sum(-1)[:, None, :]  # (M, 1, K)
+    if not _compiler["failed"]:
+        try:
+            return _assign_compiled(x, book, norms)
+        except Exception as e:  # no C++ compiler, an unsupported device: the same nearest centroids, slower
+            log.warning("pq: torch.compile failed (%s); assigning centroids without it", str(e).splitlines()[0])
+            _compiler["failed"] = True
+    return assign_eager(x, book, norms)
+
+
+def _assign_compiled(x: torch.Tensor, book: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
     out = []
     for a in range(0, x.shape[1], ASSIGN_CHUNK):
         chunk = x[:, a : a + ASSIGN_CHUNK]
+        n = chunk.shape[1]
+        if n < ASSIGN_CHUNK:
+            chunk = torch.nn.functional.pad(chunk, (0, 0, 0, ASSIGN_CHUNK - n))
+        out.append(_nearest_compiled(chunk, book, norms)[:, :n])
+    return torch.cat(out, 1)
+
+
+def assign_eager(x: torch.Tensor, book: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """`_assign` without the compiler: (M, chunk, K) distances from a batched GEMM, then argmin."""
+    out = []
+    for a in range(0, x.shape[1], EAGER_CHUNK):
+        chunk = x[:, a : a + EAGER_CHUNK]
         out.append(torch.baddbmm(norms, chunk, book.transpose(1, 2), alpha=-2.0).argmin(-1))
     return torch.cat(out, 1)
 

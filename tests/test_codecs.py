@@ -14,8 +14,9 @@ import pytest
 import torch
 import yaml
 
+from cache_format import fitted
 from cache_format.encode import FOUR_BIT_LEVELS, dequantize_4bit, int4_group, quantize_4bit, rotate, unrotate
-from cache_format.fitted import FIT_FILE, decode_fitted, encode_fitted, fit_bytes, fit_pca, fit_pq
+from cache_format.fitted import FIT_FILE, assign_eager, decode_fitted, encode_fitted, fit_bytes, fit_pca, fit_pq
 from cache_format.hidden import decode_hidden, decode_hidden_tensor, encode_hidden, stored_hidden_width
 from cache_format.kd_modes import KD_MODES
 from cache_format.reader import CacheReader
@@ -109,6 +110,10 @@ def test_pq_codes_are_the_nearest_centroid_and_the_fit_is_the_same_bytes():
     distances = ((sub - book[None]) ** 2).sum(-1)  # (N, M, 256)
     chosen = distances.gather(-1, codes.long()[..., None])[..., 0]
     assert (chosen <= distances.amin(-1) + 1e-4 * (1 + distances.amin(-1))).all(), "each code is the nearest"
+    x = h.view(600, 8, 4).transpose(0, 1)
+    eager = assign_eager(x, book, (book * book).sum(-1)[:, None, :])
+    assert not fitted._compiler["failed"], "the compiled search ran"
+    assert torch.equal(eager.T.to(torch.uint8), codes), "compiled and eager search pick the same centroids"
     back = decode_fitted(codes, None, "pq", fit)
     assert torch.equal(back.view(600, 8, 4), book[torch.arange(8), codes.long()])
     # k-means beats its own start: fitted centroids cut the error of 256 random pilot points
