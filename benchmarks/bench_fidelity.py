@@ -2,7 +2,7 @@
 
     python benchmarks/bench_fidelity.py [--steps 60] [--micro-batch 16] [--sequences 1200]
         [--modes online,exact,exact-int8,exact-nf4,exact-int4,sampled,topk_sampled,topk_tail,topk_renorm,defaults]
-        [--json OUT] [--plot PNG]
+        [--seeds 56,57] [--cache-set store.shard_rows=64] [--json OUT] [--plot PNG]
 
 One corpus, one seed, the same masks and micro-batches for every row: the shared teacher
 `../shared/teachers/minilm-l6-mlm` cached over `../shared/data/wikitext2-valid.txt` (documents
@@ -17,6 +17,8 @@ positions (the headline figures), and the hidden-state cosine. Rows:
 - exact-int8: the same from int8 hidden states (per-token absmax, fp16 scale), no sparse logits;
 - exact-nf4 / exact-int4: the same from 4-bit hidden states (rotated, NormalFloat / uniform levels,
   an fp16 absmax per 128 elements);
+- exact-int8-windowed: exact-int8 read in the windowed block order (`data.order: windowed`, two
+  shards a window: what `--follow` reads) instead of the global one;
 - exact-pq-M / exact-pca-r: the same from fitted codecs (product quantisation, M bytes a token;
   an int8 low-rank basis of r components), fitted on the cache's first 64 train sequences;
 - sampled: RS-KD, 64 draws at T = 2 (and `--train-draws` other counts);
@@ -24,6 +26,12 @@ positions (the headline figures), and the hidden-state cosine. Rows:
 - topk_tail / topk_renorm: the top-64 with one tail bucket / renormalised over the top-64;
 - defaults: a cache built with no `outputs` options and a run with no `loss` options (reuses a
   row above when the defaults resolve to it).
+
+`--seeds 56,57` trains every row once per seed (the seed of the student's data order and dropout;
+the cache and its masks stay the same) and adds a table of each row's mean ± SE over the seeds
+and its difference from the first row with the SE of that difference. `--cache-set KEY=VALUE`
+changes every cache's config (e.g. `store.shard_rows=64`, small shards that give the windowed
+order several windows).
 
 Caches with the same resolved outputs are built once (paths derive from the fingerprint).
 Bytes per token come from each cache's manifest; the variance of the sampled estimator at 32,
@@ -54,7 +62,7 @@ import yaml
 from cache_format.kd_modes import BASE_FIELDS, HIDDEN_FIELDS, KD_MODES
 from cache_format.layout import valid_positions
 from cache_format.reader import CacheReader
-from pipeline.config import from_dict
+from pipeline.config import apply_mapping, apply_overrides, from_dict
 from student_train.config import TrainConfig
 from student_train.evaluate import load_rows
 from student_train.losses import kd_full, kd_sampled_std
@@ -64,6 +72,8 @@ from teacher_cache.report import size_rows
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 TEACHER = SHARED / "teachers/minilm-l6-mlm"
+SEED = 56
+"""The student's seed of the single-seed table (and the first of `--seeds`)."""
 OUTPUTS_FULL = {"k": 64, "logits": "both", "n_samples": 64, "sample_temperature": 2.0, "hidden_dtype": "float16"}
 
 ROWS = {  # name: (cache outputs, train overrides, online teacher)
@@ -72,6 +82,11 @@ ROWS = {  # name: (cache outputs, train overrides, online teacher)
     "exact-int8": ({"logits": "none", "hidden_dtype": "int8"}, {"loss.kd_mode": "exact"}, False),
     "exact-nf4": ({"logits": "none", "hidden_dtype": "nf4"}, {"loss.kd_mode": "exact"}, False),
     "exact-int4": ({"logits": "none", "hidden_dtype": "int4"}, {"loss.kd_mode": "exact"}, False),
+    "exact-int8-windowed": (
+        {"logits": "none", "hidden_dtype": "int8"},
+        {"loss.kd_mode": "exact", "data.order": "windowed", "data.window_shards": 2},
+        False,
+    ),
     "exact-pq-192": ({"logits": "none", "hidden_dtype": "pq", "hidden_codes": 192}, {"loss.kd_mode": "exact"}, False),
     "exact-pq-96": ({"logits": "none", "hidden_dtype": "pq", "hidden_codes": 96}, {"loss.kd_mode": "exact"}, False),
     "exact-pca-192": ({"logits": "none", "hidden_dtype": "pca", "hidden_codes": 192}, {"loss.kd_mode": "exact"}, False),
@@ -104,7 +119,7 @@ def cache_config(args: argparse.Namespace, work: Path, outputs: dict, sequences:
         "outputs": {"temperatures": [1.0, 2.0], **outputs},
         "store": {"cache_dir": str(work / "home")},  # path from the fingerprint: equal configs share it
     }
-    return from_dict(CacheConfig, raw)
+    return from_dict(CacheConfig, apply_overrides(raw, args.cache_set))
 
 
 def pipeline(*argv: str, log: Path) -> float:
@@ -136,12 +151,14 @@ def build_cache(cfg: CacheConfig, work: Path, built: dict) -> Path:
     return built[key]["path"]
 
 
-def train(args: argparse.Namespace, work: Path, name: str, cache: Path, overrides: dict, online: bool) -> dict:
-    out = work / f"run-{name}"
+def train(
+    args: argparse.Namespace, work: Path, name: str, cache: Path, overrides: dict, online: bool, seed: int
+) -> dict:
+    out = work / (f"run-{name}" if seed == SEED else f"run-{name}-seed{seed}")
     raw = {
         "cache": str(cache),
         "output_dir": str(out),
-        "seed": 56,
+        "seed": seed,
         "epochs": 1,
         "max_steps": args.steps,
         "log_every": 10,
@@ -154,11 +171,11 @@ def train(args: argparse.Namespace, work: Path, name: str, cache: Path, override
     done = out / "bench.json"  # a finished run of the same config is reused (rerun the command to resume)
     if done.is_file() and json.loads(done.read_text())["key"] == key:
         return json.loads(done.read_text())["result"]
-    config = work / f"run-{name}.yaml"
+    config = out.with_suffix(".yaml")
     config.write_text(yaml.safe_dump({"train": raw}))
     argv = ["train-student", "--config", str(config), "--overwrite"]
     argv += [f"--set={k}={v}" for k, v in overrides.items()] + (["--online-teacher"] if online else [])
-    seconds = pipeline(*argv, log=work / f"run-{name}.log")
+    seconds = pipeline(*argv, log=out.with_suffix(".log"))
     summary = json.loads((out / "summary.json").read_text())
     result = {"wall_s": seconds, "tok_s": summary["tok_s"], "eval": summary["eval"], "run_dir": str(out)}
     done.write_text(json.dumps({"key": key, "result": result}, indent=2))
@@ -240,7 +257,10 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=None, help="work directory (default: a temp dir, removed)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None, help="bytes a token against Δ KL (the Pareto front), as PNG")
+    p.add_argument("--seeds", default=str(SEED), help="student seeds; 2+ add a mean ± SE table")
+    p.add_argument("--cache-set", action="append", default=[], help="KEY=VALUE for every cache's config")
     args = p.parse_args()
+    seeds = [int(x) for x in args.seeds.split(",")]
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-fidelity-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -251,17 +271,19 @@ def main() -> None:
         outputs, overrides, online = ROWS[name]
         cfg = cache_config(args, work, outputs)
         cache = build_cache(cfg, work, built)
-        train_cfg = from_dict(TrainConfig, {"cache": str(cache)})
-        for key, value in overrides.items():
-            setattr(train_cfg.loss, key.split(".")[1], value)
-        key = (str(cache), json.dumps(asdict(train_cfg.loss), sort_keys=True), online)
-        if key not in trained:
-            print(f"[{time.strftime('%H:%M:%S')}] {name}: training on {cache.name}", flush=True)
-            trained[key] = train(args, work, name, cache, overrides, online)
+        train_cfg = from_dict(TrainConfig, apply_mapping({"cache": str(cache)}, overrides))
+        runs = {}
+        for seed in seeds:
+            key = (str(cache), json.dumps(asdict(train_cfg.loss), sort_keys=True), str(train_cfg.data), online, seed)
+            if key not in trained:
+                print(f"[{time.strftime('%H:%M:%S')}] {name} seed {seed}: training on {cache.name}", flush=True)
+                trained[key] = train(args, work, name, cache, overrides, online, seed)
+            runs[seed] = trained[key]
         per_token = bytes_per_token(cache)
         kd_bytes, run_bytes = row_bytes(per_token, train_cfg.loss.kd_mode, online)
         results[name] = {
-            **trained[key],
+            **runs[seeds[0]],
+            "seeds": {seed: r["eval"]["student"] for seed, r in runs.items()},
             "kd_mode": "online" if online else train_cfg.loss.kd_mode,
             "cache_outputs": {
                 k: asdict(cfg.outputs)[k] for k in ("logits", "hidden_dtype", "hidden_codes", "k", "n_samples")
@@ -338,6 +360,39 @@ def pareto_plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """The mean and its standard error (sample std / √n)."""
+    return float(np.mean(values)), float(np.std(values, ddof=1) / math.sqrt(len(values)))
+
+
+def seed_table(results: dict) -> list[str]:
+    """Each row's held-out metrics as mean ± SE over its seeds, and its difference from the first
+    row in % of the first row's mean, with the SE of the difference (the two SEs in quadrature)."""
+    first = next(iter(results.values()))["seeds"]
+    metrics = ("perplexity", "kl_teacher_student", "teacher_top1_agreement", "hidden_cosine")
+    lines = [
+        f"| row (seeds) | {' | '.join(label for m, label in METRICS if m in metrics)} | "
+        "Δ perplexity vs first (± SE) | Δ KL vs first (± SE) | within 2 SE |",
+        "|---|" + "---:|" * (len(metrics) + 3),
+    ]
+    for name, r in results.items():
+        cells, deltas, within = [], [], []
+        for m in metrics:
+            mean, se = mean_se([s[m] for s in r["seeds"].values()])
+            cells.append(f"{mean:.4f} ± {se:.4f}")
+        for m in ("perplexity", "kl_teacher_student"):
+            mean, se = mean_se([s[m] for s in r["seeds"].values()])
+            ref, ref_se = mean_se([s[m] for s in first.values()])
+            diff, diff_se = mean - ref, math.hypot(se, ref_se)
+            deltas.append(f"{100 * diff / ref:+.2f} ± {100 * diff_se / ref:.2f} %")
+            within.append(abs(diff) <= 2 * diff_se)
+        lines.append(
+            f"| {name} ({len(r['seeds'])}) | {' | '.join(cells)} | {' | '.join(deltas)} | "
+            f"{'yes' if all(within) else 'no'} |"
+        )
+    return lines
+
+
 def report(args: argparse.Namespace, results: dict, sampled: dict, built: dict, fidelity: dict) -> None:
     ref = results.get("online")
     head = (
@@ -383,6 +438,8 @@ def report(args: argparse.Namespace, results: dict, sampled: dict, built: dict, 
         lines += ["", "| rebuilt teacher logits | KL at T=1 | KL at T=2 | top-1 flips |", "|---|---:|---:|---:|"]
         for name, v in fidelity.items():
             lines.append(f"| {name} | {v['kl_T1']:.2e} | {v['kl_T2']:.2e} | {100 * v['top1_flips']:.2f} % |")
+    if len(next(iter(results.values()))["seeds"]) > 1:
+        lines += ["", *seed_table(results)]
     print("\n".join(lines))
     summary = {
         "device": "cuda" if torch.cuda.is_available() else "cpu",
