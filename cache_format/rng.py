@@ -22,6 +22,8 @@ STREAM_TASK = 9
 """Downstream tasks: the seeded hold-out, subsets and example order of `pipeline finetune`."""
 STREAM_FIT = 10
 """Fitted hidden codecs: the pilot tokens k-means starts from."""
+STREAM_KD_TOKENS = 11
+"""Token selection: the uniforms of `loss.kd_tokens: random`."""
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:

@@ -64,6 +64,18 @@ class LossConfig:
     kd_positions: Literal["all", "masked"] = "all"
     """Distil on every non-pad token (DistilBERT) or on masked tokens only. (Stage one's
     `outputs.logit_positions` says where a cache holds sparse logits; KD can only use those.)"""
+    kd_tokens: Literal["all", "entropy", "confidence", "random", "tip"] = "all"
+    """Which of those positions KD distils: all of them, or in each row the `kd_fraction` with the
+    highest teacher entropy, the highest teacher top-1 probability, a seeded random subset (the
+    control), or the highest student cross-entropy against the teacher (`tip`: entropy plus the
+    student's divergence). The student's head runs only where a loss needs it, so fewer KD tokens
+    is less compute (entropy, confidence and tip need exact KD or the online teacher)."""
+    kd_fraction: float = 1.0
+    """Share of each row's KD positions `kd_tokens` keeps (rounded up), in (0, 1]."""
+    head_chunk_tokens: int = 512
+    """Rows per chunk of the student's vocabulary head, fused with its losses in forward and backward
+    (no (n, V) logits held: the memory of one chunk); 0 builds the (n, V) logits at once (the unfused
+    path; ZeRO-3 always takes it, its partitioned head weight gathered by the module's own hooks)."""
     alpha_ce: float = 5.0
     """Weight of the KD term (DistilBERT's name: the cross-entropy against the teacher's soft targets; the
     masked-LM cross-entropy is `alpha_mlm`)."""
@@ -86,6 +98,12 @@ class LossConfig:
             problems.append(f"temperature: {self.temperature} must be positive")
         if self.topk is not None and self.topk < 1:
             problems.append(f"topk: {self.topk} must be at least 1 or null")
+        if not 0 < self.kd_fraction <= 1:
+            problems.append(f"kd_fraction: {self.kd_fraction} must be in (0, 1]")
+        if self.kd_tokens == "all" and self.kd_fraction != 1:
+            problems.append("kd_fraction: needs a score to keep by; set loss.kd_tokens (e.g. entropy or random)")
+        if self.head_chunk_tokens < 0:
+            problems.append(f"head_chunk_tokens: {self.head_chunk_tokens} must be 0 (unfused) or positive")
         if min(self.alpha_ce, self.alpha_mlm, self.alpha_cos) < 0:
             problems.append("alpha_*: weights must be non-negative")
         if self.alpha_ce + self.alpha_mlm + self.alpha_cos == 0:

@@ -122,6 +122,7 @@ class StepStats:
             **parts,
             "lr": lr,
             "tokens": int(tokens),
+            "kd_tokens": int(n_kd),
             "tok_s": self.tokens / max(elapsed, 1e-9),
             "step_time_s": step_time,
             "data_wait_s": wait,

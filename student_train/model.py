@@ -11,6 +11,7 @@ never run.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -128,18 +129,41 @@ def _bert_from_bert(t: dict, layers: list[int]) -> dict[str, torch.Tensor]:
 
 
 class DistillModule(nn.Module):
-    """The student plus, when its width differs from the teacher's, a projection for the cosine loss."""
+    """The student plus, when its width differs from the teacher's, a projection for the cosine loss.
+    `forward(..., logits=False)` stops before the vocabulary projection (`decoder`), so the losses
+    run it only where they need it (student_train.head_loss)."""
 
     def __init__(self, student: nn.Module, teacher_hidden: int):
         super().__init__()
         self.student = student
         width = hidden_size(student.config)
         self.projection = nn.Linear(width, teacher_hidden) if width != teacher_hidden else None
+        _head_transform(student)  # an unsupported head fails here, not at the first step
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, L, V) logits and (B, L, H_teacher) last hidden states (projected if needed)."""
-        out = self.student(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        hidden = out.hidden_states[-1]
-        if self.projection is not None:
-            hidden = self.projection(hidden)
-        return out.logits, hidden
+    @property
+    def decoder(self) -> nn.Linear:
+        """The vocabulary projection (tied to the input embeddings): logits = decoder(features)."""
+        return self.student.get_output_embeddings()
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L, V) logits, or with `logits=False` the (B, L, H) features the decoder maps to them,
+        and (B, L, H_teacher) last hidden states (projected if needed)."""
+        if logits:
+            out = self.student(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+            last, head_out = out.hidden_states[-1], out.logits
+        else:
+            last = self.student.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            head_out = _head_transform(self.student)(last)
+        hidden = last if self.projection is None else self.projection(last)
+        return head_out, hidden
+
+
+def _head_transform(student: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The MLM head's layers before the vocabulary projection (dense, activation, LayerNorm)."""
+    if hasattr(student, "vocab_transform"):  # DistilBertForMaskedLM
+        return lambda x: student.vocab_layer_norm(student.activation(student.vocab_transform(x)))
+    if hasattr(student, "cls"):  # BertForMaskedLM
+        return student.cls.predictions.transform
+    raise DistilcacheError(f"student {type(student).__name__}: only DistilBERT and BERT MLM heads are supported")

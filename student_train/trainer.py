@@ -35,13 +35,14 @@ from cache_format.reader import CacheReader
 from pipeline.config import to_dict
 from pipeline.errors import DistilcacheError, first_line
 from pipeline.versions import library_versions
-from student_train import checkpoint, ds_config, losses
+from student_train import checkpoint, ds_config, losses, token_select
 from student_train.checks import check_cache, kd_mode_advice
 from student_train.config import TrainConfig, reader_options
 from student_train.data import CacheBatches, DevicePrefetch, FieldSelection, to_device
 from student_train.evaluate import evaluate, load_rows, table
 from student_train.export import export_student
 from student_train.follow import CaptureStalled, Follower
+from student_train.head_loss import HeadLoss, chunked_head_loss
 from student_train.metrics import MetricsLog, StepStats
 from student_train.model import DistillModule, init_from_teacher, student_config
 from student_train.run_dir import SUMMARY_FILE, RunDir
@@ -116,6 +117,11 @@ class Trainer:
         fit = self.reader.hidden_fit()  # a fitted hidden codec's tensors, decoded with inside the step
         self.hidden_fit = None if fit is None else {k: v.to(self.device) for k, v in fit.items()}
         self.head_dtype = resolve_head_dtype(cfg.loss.exact_head_dtype, self.device)
+        if cfg.loss.kd_tokens in token_select.TEACHER_SCORES and cfg.loss.kd_mode != "exact" and not self.online:
+            raise DistilcacheError(
+                f"loss.kd_tokens={cfg.loss.kd_tokens} scores tokens by the teacher's full distribution: set "
+                "loss.kd_mode=exact, run with --online-teacher, or use loss.kd_tokens=random"
+            )
         self.exact = None
         if cfg.loss.kd_mode == "exact" and cfg.loss.alpha_ce > 0 and not self.online:
             low = self.head_dtype != torch.float32  # a low-precision copy: evaluation keeps the fp32 head
@@ -182,6 +188,7 @@ class Trainer:
         self.ds_config = ds_config.resolve(template, self.cfg, self.world, self.total_steps, self.precision, self.cpu)
         params = [p for p in self.module.parameters() if p.requires_grad]
         self.engine, *_ = deepspeed.initialize(model=self.module, model_parameters=params, config=self.ds_config)
+        self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
 
     def _setup_run_dir(self) -> None:
         if self.rank == 0:
@@ -260,41 +267,70 @@ class Trainer:
         return summary
 
     def _loss_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Loss of one micro-batch (normalised by global counts) and its (kd, mlm, cos, counts...) sums."""
+        """Loss of one micro-batch (normalised by global counts) and its (kd, mlm, cos, counts...) sums.
+        The student's head runs only on the positions KD or MLM uses, fused with both losses."""
         lcfg = self.cfg.loss
         b = to_device(batch, self.reader.settings, self.device, self.hidden_fit)  # decoded here, inside the step
         ids, labels = b["input_ids"], b["labels"]
         valid = valid_positions(b["lengths"], ids.shape[1])
         masked = labels != losses.IGNORE_INDEX
-        kd_at = valid if lcfg.kd_positions == "all" else masked
+        features, hidden = self.engine(ids, valid.long(), logits=False)
+        if self.teacher is not None:
+            with torch.no_grad():
+                out = self.teacher(input_ids=ids, attention_mask=valid.long(), output_hidden_states=True)
+            b["logits"], b["hidden"] = out.logits, out.hidden_states[-1]
+        kd_at = self._kd_positions(b, valid if lcfg.kd_positions == "all" else masked, features)
+        mlm_at = masked if lcfg.alpha_mlm > 0 else torch.zeros_like(masked)
         counts = torch.tensor([kd_at.sum(), masked.sum(), valid.sum(), valid.sum()], dtype=torch.float64)
         global_counts = counts.clone()
         if self.world > 1:
             torch_dist.all_reduce(global_counts)
         n_kd, n_mlm, n_cos, _ = (max(float(c), 1.0) for c in global_counts)
-        logits, hidden = self.engine(ids, valid.long())
-        t_logits, t_hidden = None, b.get("hidden")
-        if self.teacher is not None:
-            with torch.no_grad():
-                out = self.teacher(input_ids=ids, attention_mask=valid.long(), output_hidden_states=True)
-            t_logits, t_hidden = out.logits, out.hidden_states[-1]
-        kd = mlm = cos = logits.new_zeros((), dtype=torch.float32)
-        if lcfg.alpha_ce > 0:
-            at = _selector(kd_at)
-            if t_logits is not None:
-                per_token = losses.kd_full(at(logits), at(t_logits), lcfg.temperature)
-            else:
-                teacher = {name: at(b[name]) for name in KD_MODES[lcfg.kd_mode].fields if name in b}
-                per_token = losses.KD_LOSSES[lcfg.kd_mode](at(logits), teacher, lcfg.temperature, self.exact)
-            kd = per_token.sum()
-        if lcfg.alpha_mlm > 0 and bool(masked.any()):
-            mlm = torch.nn.functional.cross_entropy(logits[masked].float(), labels[masked], reduction="sum")
+        head_at = kd_at | mlm_at
+        at = _selector(head_at)
+        teacher = {n: at(b[n]) for n in ("logits", *KD_MODES[lcfg.kd_mode].fields) if n in b and lcfg.alpha_ce > 0}
+        scale = (lcfg.alpha_ce * self.world / n_kd, lcfg.alpha_mlm * self.world / n_mlm)
+        head_loss = HeadLoss(at(kd_at), at(labels), teacher, lcfg, self.exact, scale)
+        rows, decoder = at(features), self.engine.module.decoder
+        if lcfg.head_chunk_tokens and self.zero_stage < 3:
+            loss = chunked_head_loss(rows, decoder.weight, decoder.bias, head_loss, lcfg.head_chunk_tokens)
+        else:  # the (n, V) logits at once (ZeRO-3 gathers the partitioned weight in the module's hooks)
+            loss = head_loss(decoder(rows), 0, len(rows))
+        cos = hidden.new_zeros((), dtype=torch.float32)
         if lcfg.alpha_cos > 0:
             at = _selector(valid)
-            cos = losses.cosine_loss(at(hidden), at(t_hidden)).sum()
-        loss = (lcfg.alpha_ce * kd / n_kd + lcfg.alpha_mlm * mlm / n_mlm + lcfg.alpha_cos * cos / n_cos) * self.world
-        parts = torch.tensor([kd.item(), mlm.item(), cos.item(), *counts.tolist()], dtype=torch.float64)
+            cos = losses.cosine_loss(at(hidden), at(b["hidden"])).sum()
+        loss = loss + lcfg.alpha_cos * cos / n_cos * self.world
+        sums = [float(head_loss.kd), float(head_loss.mlm), cos.item()]
+        parts = torch.tensor([*sums, *counts.tolist()], dtype=torch.float64)
         return loss, parts
+
+    def _kd_positions(
+        self, b: dict[str, torch.Tensor], candidates: torch.Tensor, features: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, L) bool: where KD distils this micro-batch (`loss.kd_tokens` of `loss.kd_positions`)."""
+        lcfg = self.cfg.loss
+        if lcfg.alpha_ce == 0:
+            return torch.zeros_like(candidates)
+        if lcfg.kd_tokens == "all":
+            return candidates
+        if lcfg.kd_tokens == "random":
+            scores = token_select.random_scores(
+                self.cfg.seed, b["view"].cpu().numpy(), b["sequence_index"].cpu().numpy(), candidates.shape[1]
+            ).to(candidates.device)
+        else:
+            rows = candidates.nonzero(as_tuple=True)
+            if "logits" in b:  # the online teacher's
+                teacher = lambda a, e: b["logits"][rows][a:e]  # noqa: E731
+            else:
+                hidden = b["hidden"][rows]
+                teacher = lambda a, e: self.exact.head(hidden[a:e].to(self.exact.dtype))  # noqa: E731
+            decoder, x = self.engine.module.decoder, features[rows].detach()
+            student = lambda a, e: decoder(x[a:e])  # noqa: E731
+            chunk = lcfg.head_chunk_tokens or len(x)
+            scores = torch.full(candidates.shape, -math.inf, device=candidates.device)
+            scores[rows] = token_select.distribution_scores(lcfg.kd_tokens, len(x), teacher, student, chunk)
+        return token_select.keep_top(scores, candidates, lcfg.kd_fraction)
 
     def _evaluate(self) -> dict | None:
         if self.eval_split is None:
