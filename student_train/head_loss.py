@@ -53,8 +53,11 @@ class _ChunkedHead(torch.autograd.Function):
                     continue
                 (grad,) = torch.autograd.grad(value, logits)
             total += value.detach().float()
-            grad_x[a:end] = grad @ w
-            grad_w += (grad.T @ x[a:end]).float()
+            torch.mm(grad, w, out=grad_x[a:end])
+            if grad.dtype == torch.float32:  # accumulate in place: no (V, H) temporary per chunk
+                grad_w.addmm_(grad.T, x[a:end])
+            else:
+                grad_w += (grad.T @ x[a:end]).float()
             if grad_b is not None:
                 grad_b += grad.float().sum(0)
             del logits, grad
@@ -67,7 +70,8 @@ class _ChunkedHead(torch.autograd.Function):
         grad_x, grad_w, *rest = ctx.saved_tensors
         g = grad_out.float()
         grad_b = (rest[0] * g).to(ctx.dtypes[1]) if rest else None
-        return (grad_x * g.to(grad_x.dtype)), (grad_w * g).to(ctx.dtypes[0]), grad_b, None, None
+        grad_w = grad_w.mul_(g).to(ctx.dtypes[0])  # in place: the forward's buffers are not needed any more
+        return grad_x.mul_(g.to(grad_x.dtype)), grad_w, grad_b, None, None
 
 
 class HeadLoss:
