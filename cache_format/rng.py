@@ -24,6 +24,8 @@ STREAM_FIT = 10
 """Fitted hidden codecs: the pilot tokens k-means starts from."""
 STREAM_KD_TOKENS = 11
 """Token selection: the uniforms of `loss.kd_tokens: random`."""
+STREAM_SEQUENCES = 12
+"""Sequence selection: the uniforms of `pipeline select --score random`."""
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:

@@ -5,7 +5,8 @@ each commit record against its own place (split, shard, fingerprint, the layout'
 and against its row of the manifest's shard table, the manifest against the format (every required record present), the
 header against the manifest and its fingerprint, and every other file the manifest records
 (cache.json, each zarr.json, the teacher files, token_counts) with nothing unrecorded beside
-them. A torn (unparsable) header, manifest or commit record is named like any other damage.
+them, and every selection beside the cache (its record, its data file, the cache it was made
+from; `pipeline select`). A torn (unparsable) header, manifest or commit record is named like any other damage.
 
 `repair` removes exactly the damaged shards' commit records (by their own file names, never by a
 name read from inside a record) and the manifest, so that rerunning the same `cache-teacher`
@@ -28,6 +29,7 @@ from tqdm import tqdm
 from cache_format import shard_table
 from cache_format.chunks import ChunkError, chunk_crcs, encode_crcs
 from cache_format.manifest import HEADER_KEYS, fingerprint, manifest_problems
+from cache_format.selection import selection_problems
 from cache_format.storage import Storage, open_storage, safe_key
 from cache_format.store import (
     COMMITS,
@@ -55,6 +57,8 @@ class Report:
     """Damage a shard recomputation cannot mend (the header, array metadata)."""
     torn_manifest: bool = False
     """The manifest is unusable (torn, incomplete) or must be rewritten: repair removes it."""
+    selections: list[str] = field(default_factory=list)
+    """Problems of the selections beside the cache (`pipeline select`): the cache itself may be intact."""
     header_copy: bytes | None = None
     """The header's bytes as the manifest keeps them, when the header itself is torn."""
     shards: int = 0
@@ -136,6 +140,8 @@ def verify_cache(location: str | Path, storage_options: dict | None = None) -> R
         records = committed
     else:
         records = _check_manifest(store, manifest, committed, report)
+    report.selections = selection_problems(storage, header["fingerprint"])
+    report.problems += report.selections
     _check_shards(store, records, report)
     return report
 

@@ -18,7 +18,7 @@ def main(verbose: bool) -> None:
 
     \b
     Stage one   pipeline adapt-teacher / cache-teacher / verify / inspect
-    Stage two   pipeline train-student / evaluate
+    Stage two   pipeline select / train-student / evaluate / ablate
     Config      --config FILE.yaml (one section per stage) and --set key=value overrides.
     """
     setup_logging(verbose)
@@ -30,6 +30,7 @@ for command in (
     stage_one.verify,
     stage_one.inspect,
     stage_one.plan,
+    stage_two.select,
     stage_two.train_student,
     stage_two.evaluate,
     stage_two.ablate,

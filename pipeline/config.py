@@ -24,7 +24,7 @@ from pipeline.errors import ConfigError
 
 T = TypeVar("T")
 
-SECTIONS = ("adapt", "cache", "train", "evaluate", "finetune")
+SECTIONS = ("adapt", "cache", "select", "train", "evaluate", "finetune")
 """Top-level sections a config file may hold, one per stage command."""
 
 

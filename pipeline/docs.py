@@ -9,12 +9,14 @@ from pathlib import Path
 from pipeline.config import reference_markdown
 from student_train.config import EvaluateConfig, TrainConfig
 from student_train.downstream.config import FinetuneConfig
+from student_train.selection.config import SelectConfig
 from teacher_cache.config import AdaptConfig, CacheConfig
 
 STAGE_CONFIGS = {
     "adapt": AdaptConfig,
     "cache": CacheConfig,
     "train": TrainConfig,
+    "select": SelectConfig,
     "evaluate": EvaluateConfig,
     "finetune": FinetuneConfig,
 }

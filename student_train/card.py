@@ -84,6 +84,18 @@ def write_card(directory: Path, lineage: dict, evaluation: dict | None) -> Path:
             f"{followed['shards']} shards committed at the start, {followed['committed_at_end']} at the end; it read "
             f"{len(followed['shards_read'])} of them."
         ))  # fmt: skip
+    if loss.get("kd_tokens", "all") != "all":
+        lines.insert(-1, (
+            f"- KD on {100 * loss['kd_fraction']:g} % of each sequence's KD positions, kept by "
+            f"`{loss['kd_tokens']}` (`loss.kd_tokens`)."
+        ))  # fmt: skip
+    selection = lineage.get("selection")
+    if selection:
+        lines.insert(-1, (
+            f"- Trained on the selection `{selection['name']}`: {selection['kept_sequences']:,} of "
+            f"{selection['sequences']:,} cached sequences, the {selection['keep']} by `{selection['score']}` "
+            f"(data sha256 `{selection['sha256'][:16]}…`)."
+        ))  # fmt: skip
     if evaluation:
         s, t = evaluation["student"], evaluation["teacher"]
         lines += [

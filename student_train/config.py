@@ -157,6 +157,9 @@ class DataConfig:
     cache still being written can serve, `follow`)."""
     window_shards: int = 8
     """Shards per window of the windowed order (more: better mixing, longer waits when following)."""
+    selection: str | None = None
+    """A sequence selection beside the cache (`pipeline select`): the run reads only its rows, in the same
+    seeded order; null reads every row of the split. A selection made from another cache is refused."""
     follow: bool = False
     """Train while the cache is being captured: read only committed shards, waiting for the next one
     the order needs (`train-student --follow`); needs the windowed order."""
@@ -190,6 +193,8 @@ class DataConfig:
             problems.append("num_workers: must be >= 0")
         if self.window_shards < 1:
             problems.append("window_shards: must be at least 1")
+        if self.follow and self.selection:
+            problems.append("selection: a selection scores a complete cache; drop data.follow or data.selection")
         if self.follow and self.order != "windowed":
             problems.append("follow: a growing cache serves only the windowed order; set data.order=windowed")
         if self.follow_timeout <= 0:

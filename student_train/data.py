@@ -63,13 +63,18 @@ class FieldSelection:
         return cls(teacher, lse, topk)
 
 
-def view_blocks(layout: SplitLayout, view: int) -> tuple[np.ndarray, np.ndarray]:
-    """(block ids, rows of `view` in each) for the blocks holding rows of that view."""
+def view_blocks(layout: SplitLayout, view: int, keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(block ids, rows of `view` in each) for the blocks holding rows of that view; with `keep`
+    (a selection's (rows,) mask of the split), only its rows, and only blocks holding any."""
     lo, hi = view * layout.sequences, (view + 1) * layout.sequences
     blocks = np.arange(lo // layout.block_rows, (hi - 1) // layout.block_rows + 1)
     starts = blocks * layout.block_rows
-    rows = np.minimum(starts + layout.block_rows, hi) - np.maximum(starts, lo)
-    return blocks, rows
+    if keep is None:
+        return blocks, np.minimum(starts + layout.block_rows, hi) - np.maximum(starts, lo)
+    in_view = np.zeros(len(keep), dtype=bool)
+    in_view[lo:hi] = keep[lo:hi]
+    rows = np.add.reduceat(in_view, starts).astype(np.int64)
+    return blocks[rows > 0], rows[rows > 0]
 
 
 @dataclass(frozen=True)
@@ -110,9 +115,10 @@ def plan_epoch(
     mix_blocks: int,
     global_batch: int,
     window_shards: int | None = None,
+    keep: np.ndarray | None = None,
 ) -> EpochPlan:
     view = epoch % layout.views
-    blocks, rows = view_blocks(layout, view)
+    blocks, rows = view_blocks(layout, view, keep)
     order = block_order(layout, blocks, seed, epoch, window_shards)
     groups, group_rows = [], []
     for s in range(streams):
@@ -141,9 +147,11 @@ class GroupDataset(Dataset):
         options: dict,
         ahead: int,
         follow_timeout: float = 0.0,
+        keep: np.ndarray | None = None,
     ):
         self.location, self.split, self.fields, self.seed = location, split, fields, seed
         self.plans, self.options, self.ahead, self.follow_timeout = plans, options, ahead, follow_timeout
+        self.keep = keep  # a selection's row mask of the split (None: every row)
         # the object-store credentials of this process: a forkserver worker may predate them
         self.env = {k: v for k, v in os.environ.items() if k.startswith(CLOUD_ENV)}
         self._reader: CacheReader | None = None
@@ -174,9 +182,15 @@ class GroupDataset(Dataset):
                 self._follower.wait(functools.partial(reader.record, self.split, shard), self.split, shard)
         upcoming = plan.groups[stream][group + 1 : group + 1 + self.ahead]  # a remote cache: fetch ahead
         reader.prefetch_blocks(self.split, [int(b) for g in upcoming for b in g], names)
-        parts = [reader.read_block(self.split, int(b), names) for b in plan.groups[stream][group]]
+        blocks = plan.groups[stream][group]
+        parts = [reader.read_block(self.split, int(b), names) for b in blocks]
         data = {n: np.concatenate([p[n] for p in parts]) for n in names}
-        keep = np.flatnonzero(data["view"] == plan.view)
+        wanted = data["view"] == plan.view
+        if self.keep is not None:  # the selection's rows: each block's rows are consecutive rows of the split
+            per_block = reader.layouts[self.split].block_rows
+            starts = [int(b) * per_block for b in blocks]
+            wanted &= np.concatenate([self.keep[a : a + len(p["view"])] for a, p in zip(starts, parts, strict=True)])
+        keep = np.flatnonzero(wanted)
         keep = keep[permutation(derive_seed(self.seed, epoch, stream, group), STREAM_ROWS, len(keep))]
         return self._stored({n: data[n][keep] for n in names})
 
@@ -264,14 +278,16 @@ class CacheBatches:
         streams: int,
         rank: int,
         world: int,
+        keep: np.ndarray | None = None,
     ):
+        """`keep`: a selection's (rows,) mask of the split (data.selection): only those rows are read."""
         if streams % world or (cfg.micro_batch_size * world) % streams:
             raise ValueError(
                 f"data.streams={streams} must be a multiple of the {world} process(es) and divide the global "
                 f"micro-batch {cfg.micro_batch_size * world}; e.g. set data.streams={world}"
             )
         self.reader, self.cfg, self.fields, self.seed = reader, cfg, fields, seed
-        self.streams, self.rank, self.world = streams, rank, world
+        self.streams, self.rank, self.world, self.keep = streams, rank, world, keep
         self.layout = reader.layouts[cfg.split]
         self.epoch, self.batch = 0, 0
         self._plans: dict[int, EpochPlan] = {}
@@ -282,7 +298,7 @@ class CacheBatches:
             window = self.cfg.window_shards if self.cfg.order == "windowed" else None
             global_batch = self.cfg.micro_batch_size * self.world
             self._plans[epoch] = plan_epoch(
-                self.layout, self.seed, epoch, self.streams, self.cfg.mix_blocks, global_batch, window
+                self.layout, self.seed, epoch, self.streams, self.cfg.mix_blocks, global_batch, window, self.keep
             )
         return self._plans[epoch]
 
@@ -328,6 +344,7 @@ class CacheBatches:
                 reader_options(self.cfg),
                 self.cfg.prefetch_groups,
                 self.cfg.follow_timeout,
+                self.keep,
             ),
             sampler=keys,
             batch_size=None,

@@ -23,10 +23,12 @@ def export_student(
     tokens: int = 0,
     evaluation: dict | None = None,
     followed: dict | None = None,
+    selection: dict | None = None,
 ) -> Path:
     """Consolidate the fp32 weights of checkpoint `step` (ZeRO-3 shards included) into `run_dir/final`:
     save_pretrained model + tokenizer (+ the cosine projection), its lineage (distill.json) and its
-    model card (README.md). `followed`: how the run followed a cache still being captured."""
+    model card (README.md). `followed`: how the run followed a cache still being captured;
+    `selection`: the sequence selection it read."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import save_file
     from transformers import AutoModelForMaskedLM
@@ -58,6 +60,7 @@ def export_student(
         "tokens": tokens,
         "evaluation": evaluation,
         "followed": followed,
+        "selection": selection,
         "config": to_dict(cfg),
     }
     (out / LINEAGE).write_text(json.dumps(lineage, indent=2))

@@ -17,7 +17,10 @@ import torch
 from torch import nn
 
 from cache_format.family import ROBERTA_LIKE, hidden_size, num_layers, position_offset
-from pipeline.errors import DistilcacheError
+from cache_format.hashing import weights_sha256
+from cache_format.head import LOAD_ERRORS
+from cache_format.settings import TeacherInfo
+from pipeline.errors import DistilcacheError, first_line
 from student_train.config import StudentConfig
 
 _BERT_TO_DISTILBERT_LAYER = {
@@ -160,10 +163,41 @@ class DistillModule(nn.Module):
         return head_out, hidden
 
 
+def head_logits(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """A masked LM's vocabulary logits of (n, H) last hidden states: its whole MLM head, run only
+    on the rows given."""
+    return model.get_output_embeddings()(_head_transform(model)(features))
+
+
+def load_cached_teacher(cached: TeacherInfo, name: str | None, key: str, why: str) -> nn.Module:
+    """The teacher's weights (`name`, or the name the cache records), refused unless they hash to
+    the weights the cache was built from; `key` is the config key that sets `name`."""
+    from transformers import AutoModelForMaskedLM
+
+    name = name or cached.name
+    try:
+        teacher = AutoModelForMaskedLM.from_pretrained(name)
+    except LOAD_ERRORS as exc:
+        raise DistilcacheError(
+            f"teacher weights {name!r} not found or unreadable ({first_line(exc)}; needed for {why}); "
+            f"set {key} to their location"
+        ) from None
+    digest = weights_sha256(teacher)
+    if digest != cached.weights_sha256:
+        raise DistilcacheError(
+            f"teacher weights at {name!r} hash to {digest[:12]} but the cache was built from "
+            f"{cached.weights_sha256[:12]}; point {key} at the cached teacher"
+        )
+    return teacher
+
+
 def _head_transform(student: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """The MLM head's layers before the vocabulary projection (dense, activation, LayerNorm)."""
     if hasattr(student, "vocab_transform"):  # DistilBertForMaskedLM
         return lambda x: student.vocab_layer_norm(student.activation(student.vocab_transform(x)))
     if hasattr(student, "cls"):  # BertForMaskedLM
         return student.cls.predictions.transform
-    raise DistilcacheError(f"student {type(student).__name__}: only DistilBERT and BERT MLM heads are supported")
+    if hasattr(student, "lm_head") and hasattr(student.lm_head, "layer_norm"):  # RoBERTa family
+        head = student.lm_head
+        return lambda x: head.layer_norm(nn.functional.gelu(head.dense(x)))
+    raise DistilcacheError(f"{type(student).__name__}: only DistilBERT, BERT and RoBERTa MLM heads are supported")

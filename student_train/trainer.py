@@ -27,13 +27,13 @@ from tqdm import tqdm
 
 from cache_format.atomic import write_json_atomic
 from cache_format.family import hidden_size
-from cache_format.hashing import tokenizer_sha256, weights_sha256
-from cache_format.head import LOAD_ERRORS
+from cache_format.hashing import tokenizer_sha256
 from cache_format.kd_modes import KD_MODES
 from cache_format.layout import valid_positions
 from cache_format.reader import CacheReader
+from cache_format.selection import SELECTION_KEYS, load_selection
 from pipeline.config import to_dict
-from pipeline.errors import DistilcacheError, first_line
+from pipeline.errors import DistilcacheError
 from pipeline.versions import library_versions
 from student_train import checkpoint, ds_config, losses, token_select
 from student_train.checks import check_cache, kd_mode_advice
@@ -44,7 +44,7 @@ from student_train.export import export_student
 from student_train.follow import CaptureStalled, Follower
 from student_train.head_loss import HeadLoss, chunked_head_loss
 from student_train.metrics import MetricsLog, StepStats
-from student_train.model import DistillModule, init_from_teacher, student_config
+from student_train.model import DistillModule, init_from_teacher, load_cached_teacher, student_config
 from student_train.run_dir import SUMMARY_FILE, RunDir
 from student_train.runtime import init_training, resolve_head_dtype, resolve_precision
 
@@ -105,7 +105,8 @@ class Trainer:
             log.warning("%s", advice)
         student = AutoModelForMaskedLM.from_config(config)
         if cfg.student.init == "teacher" or self.online:
-            teacher = self._load_teacher(AutoModelForMaskedLM)
+            why = "student.init=teacher (or use student.init=random) and --online-teacher"
+            teacher = load_cached_teacher(self.reader.settings.teacher, cfg.student.teacher, "student.teacher", why)
             if cfg.student.init == "teacher":
                 layer_map = init_from_teacher(student, teacher.state_dict(), self.teacher_config)
                 log.info("student: init from teacher layers %s", layer_map)
@@ -135,25 +136,6 @@ class Trainer:
             sum(p.numel() for p in student.parameters()) / 1e6,
         )
 
-    def _load_teacher(self, auto_cls) -> torch.nn.Module:
-        """The teacher's weights (to initialise the student, or to run online), hash-checked."""
-        cached = self.reader.settings.teacher
-        name = self.cfg.student.teacher or cached.name
-        try:
-            teacher = auto_cls.from_pretrained(name)
-        except LOAD_ERRORS as exc:
-            raise DistilcacheError(
-                f"teacher weights {name!r} not found or unreadable ({first_line(exc)}; needed for student.init=teacher "
-                "or --online-teacher); set student.teacher to their location or use student.init=random"
-            ) from None
-        digest = weights_sha256(teacher)
-        if digest != cached.weights_sha256:
-            raise DistilcacheError(
-                f"teacher weights at {name!r} hash to {digest[:12]} but the cache was built from "
-                f"{cached.weights_sha256[:12]}; point student.teacher at the cached teacher"
-            )
-        return teacher
-
     def _setup_data(self) -> None:
         cfg, loss = self.cfg, self.cfg.loss
         kd = KD_MODES[loss.kd_mode] if not self.online and loss.alpha_ce > 0 else None
@@ -162,8 +144,19 @@ class Trainer:
             self.reader.settings, set(self.reader.fields), kd, cosine, loss.temperature, loss.topk
         )
         streams = cfg.data.streams or self.world
+        self.selection, keep = None, None
+        if cfg.data.selection:
+            layout = self.reader.layouts[cfg.data.split]
+            record, keep = load_selection(
+                self.reader.storage, cfg.data.selection, self.reader.settings.fingerprint, cfg.data.split, layout.rows
+            )
+            self.selection = {k: record[k] for k in SELECTION_KEYS} | {"sha256": record["data"]["sha256"]}
+            log.info(
+                "selection %s: %d of %d sequences (%s, %s, fraction %g)", record["name"], record["kept_sequences"],
+                record["sequences"], record["score"], record["keep"], record["fraction"],
+            )  # fmt: skip
         try:
-            self.batches = CacheBatches(self.reader, cfg.data, fields, cfg.seed, streams, self.rank, self.world)
+            self.batches = CacheBatches(self.reader, cfg.data, fields, cfg.seed, streams, self.rank, self.world, keep)
             per_epoch = [self.batches.plan(e).batches for e in range(int(np.ceil(cfg.epochs)))]
         except ValueError as exc:
             raise DistilcacheError(str(exc)) from None
@@ -204,6 +197,7 @@ class Trainer:
                 "exact_head_dtype": str(self.head_dtype).removeprefix("torch."),
                 "total_steps": self.total_steps,
                 "followed": self.followed,
+                "selection": self.selection,
                 "versions": library_versions(),
             }
             (self.run_dir / "run.json").write_text(json.dumps(run, indent=2))
@@ -258,6 +252,8 @@ class Trainer:
             self.followed |= self._progress("at_end") | {"shards_read": self.batches.shards_read()}
         export = self.export(int(stats.tokens), result)
         summary = loop | {"eval": result, "export": str(export), "run_dir": str(self.run_dir)}
+        if self.selection is not None:
+            summary["selection"] = self.selection
         if self.followed is not None:
             summary["followed"] = self.followed
         if self.rank == 0:
@@ -371,6 +367,7 @@ class Trainer:
             "data": data_state or self.batches.state_dict(),
             "config": to_dict(self.cfg),
             "cache_fingerprint": self.reader.settings.fingerprint,
+            "selection_sha256": None if self.selection is None else self.selection["sha256"],
         }
         directory = self.run_dir / "checkpoints"
         return checkpoint.save(
@@ -387,6 +384,12 @@ class Trainer:
             raise DistilcacheError(
                 f"--resume: the config differs from the checkpoint's in keys that change the run ({'; '.join(diff)}); "
                 "resume with the checkpoint's config, or start a new run with --overwrite"
+            )
+        selected = None if self.selection is None else self.selection["sha256"]
+        if record.get("selection_sha256") != selected:
+            raise DistilcacheError(
+                f"--resume: selection {self.cfg.data.selection!r} holds other rows than when the checkpoint was "
+                "written (it was replaced); resume with the selection it used, or start a new run with --overwrite"
             )
         if record["world_size"] != self.world:
             raise DistilcacheError(
@@ -419,6 +422,7 @@ class Trainer:
                 tokens,
                 evaluation,
                 self.followed,
+                self.selection,
             )
         torch_dist.barrier()
         return out

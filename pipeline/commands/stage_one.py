@@ -88,13 +88,16 @@ def verify(path: str, repair: bool) -> None:
         rate = report.bytes / max(report.seconds, 1e-9) / 1e9
         click.echo(f"ok: {report.shards} shards, {report.bytes:,} bytes verified in {path} ({rate:.2f} GB/s)")
         return
-    if repair and not report.unrepairable:
+    cache_problems = len(report.problems) - len(report.selections)
+    if repair and not report.unrepairable and cache_problems:
         done = verify_mod.repair(path, report)
         click.echo(f"repaired: {done}; rerun the same `pipeline cache-teacher` to recompute what was removed")
         return
     if report.unrepairable:
         damaged = ", ".join(sorted(set(report.unrepairable)))
         fix = f"{damaged} cannot be recomputed; rebuild with cache-teacher --overwrite"
+    elif not cache_problems:
+        fix = "the cache itself is intact: rerun `pipeline select --overwrite` for each selection named, or delete it"
     else:
         fix = "run `pipeline verify --repair` on it, then rerun the same cache-teacher to recompute the damaged shards"
     raise DistilcacheError(f"{path}: {len(report.problems)} problem(s); {fix}")

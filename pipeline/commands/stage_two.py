@@ -77,6 +77,34 @@ def evaluate(config_path: str | None, overrides: tuple[str, ...], print_config: 
         click.echo("\n".join(["", *speed_table(s["report"], s["ratios"], s["reference"], s["sizes"])]))
 
 
+@click.command("select")
+@config_options
+@click.option("--cache", default=None, type=click.Path(), help="The teacher cache (select.cache).")
+@click.option(
+    "--score", default=None, help="teacher_loss, entropy, miniplm (needs --reference) or random [teacher_loss]."
+)
+@click.option("--fraction", default=None, type=float, help="Share of the sequences kept [0.5].")
+@click.option("--keep", default=None, help="Keep the highest or lowest scores [highest].")
+@click.option("--reference", default=None, help="miniplm's reference MLM: teacher:N or a model name or path.")
+@click.option("--name", default=None, help="The selection's name [<score>-<percent>].")
+@click.option("--overwrite", is_flag=True, help="Replace a selection of the same name made with another config.")
+@guard
+def select(config_path: str | None, overrides: tuple[str, ...], print_config: bool, overwrite: bool, **flags) -> None:
+    """Score every sequence of a cache from the teacher's outputs and keep a fraction of them, as a
+    fingerprinted selection beside the cache (section `select`; the flags set its keys). Train on it
+    with `pipeline train-student --set data.selection=NAME`; the cache is never rewritten."""
+    from student_train.selection.config import SelectConfig
+    from student_train.selection.run import run_select
+
+    given = [f"{key}={value}" for key, value in flags.items() if value is not None]
+    cfg = resolve(SelectConfig, "select", config_path, (*overrides, *given), print_config)
+    record = run_select(cfg, overwrite=overwrite)
+    click.echo(
+        f"selection {record['name']}: {record['kept_sequences']} of {record['sequences']} sequences; "
+        f"train with --set data.selection={record['name']}"
+    )
+
+
 @click.command("ablate")
 @click.option("--grid", "grid_path", required=True, type=click.Path(), help="Grid YAML (configs/ablations/).")
 @click.option("--cache", default=None, type=click.Path(), help="The teacher cache every variant reads (train.cache).")
