@@ -369,7 +369,9 @@ def seed_table(results: dict) -> list[str]:
     """Each row's held-out metrics as mean ± SE over its seeds, and its difference from the first
     row in % of the first row's mean, with the SE of the difference (the two SEs in quadrature)."""
     first = next(iter(results.values()))["seeds"]
-    metrics = ("perplexity", "kl_teacher_student", "teacher_top1_agreement", "hidden_cosine")
+    metrics = [
+        m for m, _ in METRICS if m in ("perplexity", "kl_teacher_student", "teacher_top1_agreement", "hidden_cosine")
+    ]
     lines = [
         f"| row (seeds) | {' | '.join(label for m, label in METRICS if m in metrics)} | "
         "Δ perplexity vs first (± SE) | Δ KL vs first (± SE) | within 2 SE |",
