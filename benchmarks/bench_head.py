@@ -7,8 +7,10 @@ tied vocabulary projection, the teacher's cached hidden states and MLM head (exa
 every token, MLM on 15 %), forward and backward. Rows: `unfused` (the (n, V) logits at once, as
 before `loss.head_chunk_tokens`), `fused` (chunks of `--chunks` rows, every token), and `fused` with KD on
 a quarter of each row's tokens (`loss.kd_fraction: 0.25`, the head on KD and MLM positions only).
-Each row runs in a fresh process; peak memory is the process's resident high-water mark minus its
-resident size once the inputs exist (CPU), or the allocator's peak (CUDA).
+Each row runs in a fresh process. Peak memory is the most bytes the loss's own tensors held at
+once above the inputs, counted exactly from the allocator: on CUDA its peak statistic, on a CPU
+every allocation and free the profiler records during one forward + backward (the first, so the
+KD loss's reused scratch buffers are counted). Time is the median of `--repeat` unprofiled runs.
 """
 
 from __future__ import annotations
@@ -16,16 +18,25 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import resource
 import time
 
 import torch
 import torch.nn.functional as F
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * resource.getpagesize()
+def _cpu_peak_bytes(step) -> int:
+    """The most bytes live at once, above those live before, while `step()` runs on a CPU: the
+    running sum of the allocator's alloc (+) and free (-) events, as the profiler records them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
 
 
 def measure(chunk: int, fraction: float, args: argparse.Namespace, repeat: int, out: mp.Queue) -> None:
@@ -47,16 +58,8 @@ def measure(chunk: int, fraction: float, args: argparse.Namespace, repeat: int, 
     at = (kd | (labels != -100)) if fraction < 1 else torch.ones(n, dtype=torch.bool, device=device)
     cfg = LossConfig(head_chunk_tokens=chunk)
     exact = ExactHead(head, torch.float32, 1024)
-    seconds = []
-    base = None
-    for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        elif base is None:
-            base = _rss_bytes()
-        start = time.perf_counter()
+
+    def step() -> None:
         loss_fn = HeadLoss(
             kd[at], labels[at], {"hidden": hidden[at]}, cfg, exact, (5.0 / max(int(kd.sum()), 1), 2.0 / n)
         )
@@ -67,14 +70,24 @@ def measure(chunk: int, fraction: float, args: argparse.Namespace, repeat: int, 
             else loss_fn(F.linear(x, weight, bias), 0, len(x))
         )
         loss.backward()
+        features.grad = weight.grad = bias.grad = None  # the gradients count in the peak, then go
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = _cpu_peak_bytes(step)
+    seconds = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
-        features.grad = weight.grad = bias.grad = None
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     out.put((peak, sorted(seconds)[len(seconds) // 2], int(at.sum())))
 
 
@@ -102,7 +115,7 @@ def main() -> None:
         results[name] = {"peak_bytes": peak, "seconds": seconds, "head_rows": rows}
     ref = results["unfused"]
     print(f"{args.tokens:,} tokens, V = {args.vocab:,}, width {args.width}, {args.device}")
-    print("| head + losses | head rows | peak MB above inputs | vs unfused | ms fwd + bwd | vs unfused |")
+    print("| head + losses | head rows | peak MB of the loss's tensors | vs unfused | ms fwd + bwd | vs unfused |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, r in results.items():
         print(

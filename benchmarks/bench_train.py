@@ -1,7 +1,8 @@
 """train-student step time per KD mode reading the cache vs running the teacher online, one run.
 
-    python benchmarks/bench_train.py [--shapes minilm,bert-base] [--modes exact,topk_tail,sampled,online]
-                                     [--codecs int8,nf4,pq,pca] [--steps 4] [--grad-accum 4] [--json OUT]
+    python benchmarks/bench_train.py [--shapes minilm,bert-base] [--modes exact,topk_tail,sampled,online,hf-distiller]
+                                     [--kd-tokens random-25,entropy-25,masked] [--codecs int8,nf4,pq,pca]
+                                     [--steps 4] [--grad-accum 4] [--json OUT]
 
 For each shape one cache is built (top-64 + log-sum-exp, 64 samples at T = 2 and int8 hidden
 states, so every KD mode reads the same cache), then the same student trains on the same
@@ -15,6 +16,12 @@ large batches. Shapes:
 - minilm: the shared teacher ../shared/teachers/minilm-l6-mlm (6 x 384) -> 3-layer student;
 - bert-base: a BERT-base-shaped teacher (12 x 768, V = 30,522; random weights, timing only)
   -> 6-layer DistilBERT student.
+`hf-distiller` times the training step of Hugging Face's DistilBERT distiller (hf_distiller.py:
+the teacher and student every step, unfused full-vocabulary KL) on the same micro-batches and
+student. `--kd-tokens` adds exact-mode runs that distil fewer tokens (`loss.kd_tokens` at a
+fraction, e.g. `random-25`; `masked`: `loss.kd_positions: masked`), the student's head only on
+those and the masked tokens. Every row also reports its tokens/s over `exact`'s and over
+`hf-distiller`'s.
 `--codecs` adds, per codec, a cache of only the hidden states in that codec (`logits: none`, the
 same rows) and times exact-mode training from it (`exact@<codec>`); with int8 among them, each
 codec's tokens/s over int8's (`--modes ""` times only these).
@@ -72,7 +79,9 @@ def build_cache(teacher: Path, work: Path, sequences: int, seq_len: int, hidden:
     return run_cache(from_dict(CacheConfig, raw))
 
 
-def time_training(cache: Path, out: Path, layers: int, steps: int, micro: int, accum: int, mode: str) -> list[dict]:
+def time_training(
+    cache: Path, out: Path, layers: int, steps: int, micro: int, accum: int, mode: str, loss: dict | None = None
+) -> list[dict]:
     online = mode == "online"
     raw = {
         "cache": str(cache),
@@ -83,16 +92,48 @@ def time_training(cache: Path, out: Path, layers: int, steps: int, micro: int, a
         "deepspeed_config": str(ROOT / "configs/deepspeed/zero2.json"),
         "student": {"layers": layers},
         "data": {"micro_batch_size": micro, "grad_accum_steps": accum, "num_workers": 2},
-        "loss": {"kd_mode": "exact" if online else mode},
+        "loss": {"kd_mode": "exact" if online else mode, **(loss or {})},
     }
     run_train(from_dict(TrainConfig, raw), online_teacher=online)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
 
 
+def kd_tokens_keys(spec: str) -> dict:
+    """`random-25` -> loss.kd_tokens random at 25 %; `masked` -> KD on the masked tokens only."""
+    if spec == "masked":
+        return {"kd_positions": "masked"}
+    kind, percent = spec.rsplit("-", 1)
+    return {"kd_tokens": kind, "kd_fraction": int(percent) / 100}
+
+
+def time_hf_distiller(teacher_dir: Path, cache: Path, layers: int, total: int, micro: int, accum: int) -> list[dict]:
+    """Step records of the HF distiller's loop (hf_distiller.py) on the cache's first micro-batches,
+    with distilcache's student (the same config and initialisation)."""
+    from hf_distiller import cached_batches, time_steps
+    from transformers import AutoModelForMaskedLM
+
+    from student_train.config import StudentConfig
+    from student_train.model import init_from_teacher, student_config
+
+    torch.manual_seed(0)
+    teacher = AutoModelForMaskedLM.from_pretrained(teacher_dir)
+    student = AutoModelForMaskedLM.from_config(student_config(StudentConfig(layers=layers), teacher.config))
+    init_from_teacher(student, teacher.state_dict(), teacher.config)
+    batches = cached_batches(cache, micro, total * accum)
+    seconds = time_steps(teacher, student, batches, accum)
+    tokens = [sum(int(m.sum()) for _, m, _ in batches[i * accum : (i + 1) * accum]) for i in range(total)]
+    return [{"step_time_s": t, "data_wait_s": 0.0, "tokens": n} for t, n in zip(seconds, tokens, strict=True)]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="minilm,bert-base")
-    p.add_argument("--modes", default="exact,topk_tail,sampled,online", help="KD modes, and online")
+    p.add_argument(
+        "--modes", default="exact,topk_tail,sampled,online", help="KD modes, online, and hf-distiller (HF's step)"
+    )
+    p.add_argument(
+        "--kd-tokens", default="", help="exact-mode variants that distil fewer tokens, e.g. random-25,entropy-25,masked"
+    )
     p.add_argument("--steps", type=int, default=4, help="measured optimizer steps per mode")
     p.add_argument("--warmup", type=int, default=1, help="steps left out of the medians")
     p.add_argument("--micro-batch", type=int, default=8)
@@ -118,13 +159,18 @@ def main() -> None:
         teacher = teacher or bert_base_teacher(work)
         sequences = max(96, total * args.micro_batch * args.grad_accum + 32)
         cache = build_cache(teacher, work, sequences, args.seq_len) if modes != [""] else None
-        runs = [(mode, cache, mode) for mode in modes if mode]
-        runs += [(f"exact@{c}", build_cache(teacher, work, sequences, args.seq_len, c), "exact") for c in codecs]
+        runs = [(mode, cache, mode, None) for mode in modes if mode]
+        runs += [(f"exact+{k}", cache, "exact", kd_tokens_keys(k)) for k in args.kd_tokens.split(",") if k]
+        runs += [(f"exact@{c}", build_cache(teacher, work, sequences, args.seq_len, c), "exact", None) for c in codecs]
         timed = {}
-        for label, run_cache_dir, mode in runs:
-            records = time_training(
-                run_cache_dir, work / f"{name}-{label}", layers, total, args.micro_batch, args.grad_accum, mode
-            )
+        for label, run_cache_dir, mode, loss in runs:
+            if mode == "hf-distiller":
+                records = time_hf_distiller(teacher, cache, layers, total, args.micro_batch, args.grad_accum)
+            else:
+                records = time_training(
+                    run_cache_dir, work / f"{name}-{label}", layers, total, args.micro_batch, args.grad_accum, mode,
+                    loss,
+                )  # fmt: skip
             measured = records[args.warmup :]
             step_time = sum(r["step_time_s"] for r in measured)
             timed[label] = {
@@ -136,6 +182,9 @@ def main() -> None:
         for r in timed.values():
             r["speedup_over_online"] = online["step_s"] / r["step_s"] if online else None
         ratio = timed["exact"]["tok_s"] / timed["topk_tail"]["tok_s"] if {"exact", "topk_tail"} <= set(timed) else None
+        for r in timed.values():
+            r["vs_exact"] = r["tok_s"] / timed["exact"]["tok_s"] if "exact" in timed else None
+            r["vs_hf_distiller"] = r["tok_s"] / timed["hf-distiller"]["tok_s"] if "hf-distiller" in timed else None
         reference = timed.get("exact@int8")
         by_codec = {
             c: timed[f"exact@{c}"]["tok_s"] / reference["tok_s"] for c in codecs if reference and f"exact@{c}" in timed
@@ -158,12 +207,14 @@ def main() -> None:
         "warmup": args.warmup,
         "shapes": results,
     }
-    print(f"\n{'shape':<11}{'mode':<12}{'s/step':>9}{'tok/s':>9}{'vs online':>11}{'data wait':>11}")
+    head = f"{'shape':<11}{'mode':<20}{'s/step':>9}{'tok/s':>9}{'vs online':>11}{'vs exact':>10}{'vs HF':>8}"
+    print(f"\n{head}{'data wait':>11}")
     for name, r in results.items():
         for mode, t in r["modes"].items():
-            speedup = f"{t['speedup_over_online']:.2f}x" if t["speedup_over_online"] else "-"
+            ratios = [t[k] for k in ("speedup_over_online", "vs_exact", "vs_hf_distiller")]
+            cells = [f"{x:.2f}x" if x else "-" for x in ratios]
             print(
-                f"{name:<11}{mode:<12}{t['step_s']:>9.3f}{t['tok_s']:>9.0f}{speedup:>11}"
+                f"{name:<11}{mode:<20}{t['step_s']:>9.3f}{t['tok_s']:>9.0f}{cells[0]:>11}{cells[1]:>10}{cells[2]:>8}"
                 f"{100 * t['data_wait_fraction']:>10.2f}%"
             )
         if r["exact_over_topk_tail"]:
