@@ -222,3 +222,31 @@ def test_a_flipped_byte_in_an_object_is_a_clear_error(s3, cfg):
     with pytest.raises(DistilcacheError, match="train shard 00001: the topk_values data is damaged"):
         CacheReader(url).read_rows("train", lay.shard_rows, 2 * lay.shard_rows, ["topk_values"])
     assert verify_cache(url).problems == [f"shard train-00001: topk_values corrupt (checksum mismatch in {key})"]
+
+
+def test_a_selection_beside_an_s3_cache_equals_the_local_one_and_trains_alike(s3, cfg, local, tmp_path, monkeypatch):
+    from cache_format.selection import read_record
+    from student_train.selection.config import SelectConfig
+    from student_train.selection.run import run_select
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    url = s3.bucket("dc-select") + "/c"
+    run_cache(from_dict(CacheConfig, at(cfg, url)))
+    records = {
+        where: run_select(from_dict(SelectConfig, {"cache": where, "score": "teacher_loss", "fraction": 0.5}))
+        for where in (local, url)
+    }
+    assert records[url]["data"] == records[local]["data"], "the same selection bytes on a bucket and a disk"
+    assert read_record(open_storage(url), "teacher_loss-50")["record_sha256"] == records[url]["record_sha256"]
+    for name, cache in (("local", local), ("s3", url)):
+        raw = {
+            "cache": cache,
+            "output_dir": str(tmp_path / name),
+            "max_steps": 2,
+            "eval_sequences": 4,
+            "deepspeed_config": str(ROOT / "configs/deepspeed/zero2.json"),
+            "student": {"layers": 1, "dropout": 0.0},
+            "data": {"micro_batch_size": 4, "mix_blocks": 2, "num_workers": 1, "selection": "teacher_loss-50"},
+        }
+        assert run_train(from_dict(TrainConfig, raw))["selection"]["kept_sequences"] == records[local]["kept_sequences"]
+    assert losses_of(tmp_path / "s3") == losses_of(tmp_path / "local")
