@@ -12,8 +12,10 @@ from cache_format.hidden import decode_hidden
 from cache_format.kd_modes import KD_MODES, kd_advice, topk_mass
 from cache_format.layout import FieldSpec, valid_positions
 from cache_format.reader import CacheReader
+from cache_format.selection import list_selections, read_record
 from cache_format.settings import IGNORE_INDEX
 from cache_format.store import CacheStore
+from pipeline.errors import CacheError
 from pipeline.log import human_bytes, human_time
 
 
@@ -189,4 +191,25 @@ def inspect_text(reader: CacheReader, sample_rows: int = 256) -> str:
     e = stats["temperatures"][hot]
     if st.has_topk:
         lines.append(f"  KD: {kd_advice(st, k, float(hot), e['topk_mass_masked'], e['topk_mass_all'])}")
-    return "\n".join(lines)
+    return "\n".join(lines + selection_lines(reader))
+
+
+def selection_lines(reader: CacheReader) -> list[str]:
+    """The selections beside the cache (`pipeline select`), one line each; a damaged one says so."""
+    names = list_selections(reader.storage)
+    if not names:
+        return []
+    lines = ["", f"selections beside the cache ({len(names)}; train with --set data.selection=NAME)"]
+    for name in names:
+        try:
+            r = read_record(reader.storage, name)
+        except CacheError as exc:
+            lines.append(f"  {name:<24}unreadable: {exc}")
+            continue
+        reference = f", reference {r['reference']}" if r.get("reference") else ""
+        lines.append(
+            f"  {name:<24}{r['kept_sequences']:,} of {r['sequences']:,} {r['split']} sequences, the {r['keep']} by "
+            f"{r['score']}{reference}"
+            + ("" if r.get("cache_fingerprint") == reader.settings.fingerprint else "  (made from another cache)")
+        )
+    return lines

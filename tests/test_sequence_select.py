@@ -228,6 +228,9 @@ def test_the_select_command_and_an_ablation_over_selections_and_kd_fractions(cac
     result = runner.invoke(main, ["select", "--cache", str(cache), "--score", "random", "--fraction", "0.5"])
     assert result.exit_code == 0, result.output
     assert "selection random-50: 32 of 64 sequences; train with --set data.selection=random-50" in result.output
+    shown = runner.invoke(main, ["inspect", str(cache), "--sample", "4"])
+    assert shown.exit_code == 0, shown.output
+    assert "random-50               32 of 64 train sequences, the highest by random" in shown.output
     bad = runner.invoke(main, ["select", "--cache", str(cache), "--score", "miniplm"])
     assert bad.exit_code == 1
     assert "reference: `miniplm` needs a reference MLM: teacher:N or a model name or path" in bad.output
