@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from cache_format.head import LOAD_ERRORS
 from cache_format.hidden import decode_hidden_tensor
 from cache_format.layout import valid_positions
 from cache_format.reader import CacheReader
@@ -31,7 +32,7 @@ from cache_format.selection import (
 )
 from cache_format.settings import IGNORE_INDEX
 from pipeline.config import to_dict
-from pipeline.errors import DistilcacheError
+from pipeline.errors import DistilcacheError, first_line
 from pipeline.versions import library_versions
 from student_train.model import head_logits, load_cached_teacher
 from student_train.selection import scores
@@ -200,9 +201,9 @@ def _reference(reader: CacheReader, cfg: SelectConfig, device: torch.device) -> 
     try:
         model = AutoModelForMaskedLM.from_pretrained(spec)
         tokenizer = AutoTokenizer.from_pretrained(spec)
-    except (OSError, ValueError) as exc:
+    except LOAD_ERRORS as exc:
         raise DistilcacheError(
-            f"reference {spec!r} does not load as a masked LM with its tokenizer ({str(exc).splitlines()[0][:160]}); "
+            f"reference {spec!r} does not load as a masked LM with its tokenizer ({first_line(exc)}); "
             "give a save_pretrained directory holding both, or teacher:N"
         ) from None
     if tokenizer_sha256(tokenizer) != reader.settings.tokenizer.sha256:
