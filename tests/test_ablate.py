@@ -129,7 +129,7 @@ def test_grids_are_validated_before_any_run(tiny_cache, tmp_path):
 
 def test_shipped_grids_load(tmp_path):
     names = sorted(p.stem for p in (ROOT / "configs/ablations").glob("*.yaml"))
-    assert names == ["depth", "distilbert-table4", "kd-modes", "temperature"]
+    assert names == ["depth", "distilbert-table4", "kd-modes", "selection", "temperature"]
     for name in names:
         grid = sweep.load_grid(ROOT / "configs/ablations" / f"{name}.yaml")
         assert grid.baseline in grid.variants and len(grid.variants) >= 2
