@@ -1,12 +1,14 @@
 """Peak memory and time of the student's head plus its losses for one micro-batch, fused or not.
 
-    python benchmarks/bench_head.py [--tokens 2048] [--vocab 30522] [--width 384] [--json OUT]
+    python benchmarks/bench_head.py [--tokens 2048] [--vocab 30522] [--width 384] [--chunks 512,256,128]
+                                    [--fractions 0.5,0.25,0.1,masked] [--chunk N] [--json OUT]
 
 One training step's head work at the minilm shape: the (n, width) features of the student, its
 tied vocabulary projection, the teacher's cached hidden states and MLM head (exact KD at T = 2 on
 every token, MLM on 15 %), forward and backward. Rows: `unfused` (the (n, V) logits at once, as
 before `loss.head_chunk_tokens`), `fused` (chunks of `--chunks` rows, every token), and `fused` with KD on
-a quarter of each row's tokens (`loss.kd_fraction: 0.25`, the head on KD and MLM positions only).
+`--fractions` of the tokens (`loss.kd_fraction`; `masked`: `loss.kd_positions: masked`), the head on
+the KD and MLM positions only.
 Each row runs in a fresh process. Peak memory is the most bytes the loss's own tensors held at
 once above the inputs, counted exactly from the allocator: on CUDA its peak statistic, on a CPU
 every allocation and free the profiler records during one forward + backward (the first, so the
@@ -54,7 +56,8 @@ def measure(chunk: int, fraction: float, args: argparse.Namespace, repeat: int, 
     head = torch.nn.Linear(h, v).to(device).requires_grad_(False)
     hidden = torch.randn(n, h, device=device)
     labels = torch.where(torch.rand(n, device=device) < 0.15, torch.randint(0, v, (n,), device=device), -100)
-    kd = torch.rand(n, device=device) < fraction  # the selected KD rows (exactly all at 1.0)
+    # the selected KD rows (exactly all at 1.0; fraction 0: KD on the masked rows, kd_positions masked)
+    kd = torch.rand(n, device=device) < fraction if fraction > 0 else labels != -100
     at = (kd | (labels != -100)) if fraction < 1 else torch.ones(n, dtype=torch.bool, device=device)
     cfg = LossConfig(head_chunk_tokens=chunk)
     exact = ExactHead(head, torch.float32, 1024)
@@ -92,11 +95,15 @@ def measure(chunk: int, fraction: float, args: argparse.Namespace, repeat: int, 
 
 
 def main() -> None:
+    from student_train.config import LossConfig
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=2048, help="tokens a micro-batch (16 x 128)")
     p.add_argument("--vocab", type=int, default=30522)
     p.add_argument("--width", type=int, default=384)
     p.add_argument("--chunks", default="512,256,128", help="loss.head_chunk_tokens of the fused rows")
+    p.add_argument("--fractions", default="0.5,0.25,0.1,masked", help="KD shares of the selection rows")
+    p.add_argument("--chunk", type=int, default=None, help="their head_chunk_tokens [the default]")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None)
@@ -104,15 +111,18 @@ def main() -> None:
     ctx = mp.get_context("spawn")
     chunks = [int(c) for c in args.chunks.split(",")]
     rows = {"unfused": (0, 1.0), **{f"fused, chunks of {c}": (c, 1.0) for c in chunks}}
-    rows |= {f"fused, chunks of {c}, KD on 25 %": (c, 0.25) for c in chunks}
+    chunk = args.chunk or LossConfig().head_chunk_tokens
+    for f in args.fractions.split(","):
+        label = "the masked tokens" if f == "masked" else f"{float(f):.0%}"
+        rows[f"fused, chunks of {chunk}, KD on {label}"] = (chunk, 0.0 if f == "masked" else float(f))
     results = {}
     for name, (chunk, fraction) in rows.items():
         queue = ctx.Queue()
         proc = ctx.Process(target=measure, args=(chunk, fraction, args, args.repeat, queue))
         proc.start()
-        peak, seconds, rows = queue.get()
+        peak, seconds, head_rows = queue.get()
         proc.join()
-        results[name] = {"peak_bytes": peak, "seconds": seconds, "head_rows": rows}
+        results[name] = {"peak_bytes": peak, "seconds": seconds, "head_rows": head_rows}
     ref = results["unfused"]
     print(f"{args.tokens:,} tokens, V = {args.vocab:,}, width {args.width}, {args.device}")
     print("| head + losses | head rows | peak MB of the loss's tensors | vs unfused | ms fwd + bwd | vs unfused |")

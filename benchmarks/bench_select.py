@@ -18,10 +18,11 @@ states + the cached head, exact KD; a 3-layer student from teacher layers 0, 3, 
 
 Each row: its multiply-adds per token relative to the default (the student's own work, and the
 whole step's with the teacher head's rebuild and any scoring pass; the arithmetic is `step_macs`),
-the held-out metrics as mean ± SE over `--seeds`, the difference from `all` with the SE of the
+the held-out metrics as mean ± SE over `--seeds` (at masked positions, and the KL over every
+non-pad token), the difference from `all` with the SE of the
 difference, whether |Δ| <= 2 SE, and the training tok/s of the first seed's run (from one run
 of the command: compare them only within it). `--finetune` fine-tunes the first seed's students
-of `--finetune-rows` on a task and adds its accuracy.
+of `--finetune-rows` on a task (`--finetune-seeds` fine-tuning seeds) and adds its accuracy.
 """
 
 from __future__ import annotations
@@ -42,9 +43,9 @@ from bench_fidelity import SEED, TEACHER, build_cache, cache_config, mean_se, pi
 
 MASK_PROB = 0.15
 """The masked share of tokens (`masking.mask_prob`): MLM needs the head there whatever KD keeps."""
-METRICS = ("perplexity", "kl_teacher_student", "teacher_top1_agreement", "hidden_cosine")
+METRICS = ("perplexity", "kl_teacher_student", "teacher_top1_agreement", "kl_teacher_student_all", "hidden_cosine")
 LABELS = {"perplexity": "perplexity", "kl_teacher_student": "KL(t‖s)", "teacher_top1_agreement": "top-1 agree",
-          "hidden_cosine": "hidden cos"}  # fmt: skip
+          "kl_teacher_student_all": "KL all tokens", "hidden_cosine": "hidden cos"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ def main() -> None:
     p.add_argument("--cache-set", action="append", default=[])
     p.add_argument("--finetune", type=Path, default=None, help="a YAML with a `finetune` section")
     p.add_argument("--finetune-rows", default="all", help="rows whose first-seed students are fine-tuned")
+    p.add_argument("--finetune-seeds", default=None, help="fine-tuning seeds (recipe.seeds), e.g. 1,2")
     p.add_argument("--work", type=Path, default=None)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
@@ -123,10 +125,13 @@ def main() -> None:
         runs = {}
         for seed in seeds:
             print(f"[{time.strftime('%H:%M:%S')}] {name} seed {seed}: {steps} steps", flush=True)
-            overrides = {**row.overrides, "max_steps": steps}
+            # a selection or more steps can outrun one epoch: passes enough that max_steps stops the run
+            more = {"epochs": 4} if row.select or compute else {}
+            overrides = {**more, **row.overrides, "max_steps": steps}
             runs[seed] = train(args, work, name.replace("@", "-at-"), cache, overrides, False, seed)
+        trained = json.loads((Path(runs[seeds[0]]["run_dir"]) / "summary.json").read_text())["steps"]
         results[name] = {
-            "steps": steps,
+            "steps": trained,
             "macs": {k: macs[k] / base[k] for k in macs},
             "tok_s": runs[seeds[0]]["tok_s"],
             "wall_s": runs[seeds[0]]["wall_s"],
@@ -146,12 +151,22 @@ def finetune(args: argparse.Namespace, work: Path, results: dict) -> dict:
     rows = [r for r in args.finetune_rows.split(",") if r in results]
     out = work / "finetune"
     argv = [sys.executable, "-m", "pipeline", "finetune", "--config", str(args.finetune), f"--set=output_dir={out}"]
+    if args.finetune_seeds:
+        argv.append(f"--set=recipe.seeds=[{args.finetune_seeds}]")
     argv += [f"--model={r.replace('@', '-at-')}={Path(results[r]['run_dir']) / 'final'}" for r in rows]
     with (work / "finetune.log").open("w") as fh:
         if subprocess.run(argv, stdout=fh, stderr=subprocess.STDOUT).returncode:
             sys.exit(f"finetune failed; see {work / 'finetune.log'}")
     metrics = json.loads((out / "results.json").read_text())["metrics"]
     return {r: metrics[r.replace("@", "-at-")] for r in rows}
+
+
+def _acc(acc: dict) -> str:
+    """Downstream accuracy: mean ± SE over fine-tuning seeds (the mean alone with one seed)."""
+    if not acc:
+        return ""
+    values = acc["values"]
+    return f"{acc['mean']:.4f}" + (f" ± {mean_se(values)[1]:.4f}" if len(values) > 1 else "")
 
 
 def report(results: dict, downstream: dict, seeds: list[int]) -> None:
@@ -173,12 +188,11 @@ def report(results: dict, downstream: dict, seeds: list[int]) -> None:
             diff, diff_se = mean - ref, math.hypot(se, ref_se)
             deltas.append(f"{100 * diff / ref:+.2f} ± {100 * diff_se / ref:.2f} %")
             within.append(abs(diff) <= 2 * diff_se)
-        acc = downstream.get(name, {}).get("accuracy", {}).get("mean")
+        acc = downstream.get(name, {}).get("accuracy", {})
         lines.append(
             f"| {name} | {r['steps']} | {r['macs']['student']:.2f}× | {r['macs']['step']:.2f}× | {' | '.join(cells)} | "
             f"{' | '.join(deltas)} | {'yes' if all(within) else 'no'} | {r['tok_s']:,.0f} | "
-            f"{r['tok_s'] / first['tok_s']:.2f}× |" + (f" {acc:.4f} |" if downstream and acc is not None else
-                                                      " |" if downstream else "")
+            f"{r['tok_s'] / first['tok_s']:.2f}× |" + (f" {_acc(acc)} |" if downstream else "")
         )  # fmt: skip
     print(f"seeds {', '.join(map(str, seeds))} (first: {SEED})")
     print("\n".join(lines))
