@@ -10,6 +10,8 @@ states + the cached head, exact KD; a 3-layer student from teacher layers 0, 3, 
 - all: the all-token default;
 - kd-SCORE-P: KD on P % of each row's tokens, kept by SCORE (`loss.kd_tokens`: entropy, confidence,
   tip, or random, the control), the student's head only on those and the masked tokens;
+- kd-entropy-P-stored: the same entropy read from a selection of every sequence that stores it
+  (`pipeline select --score entropy --fraction 1 --set token_scores=true`), no scoring pass;
 - kd-masked: KD on the masked tokens only (`loss.kd_positions: masked`, ~15 %);
 - seq-SCORE-50: half of the cached sequences, selected by `pipeline select --score SCORE` (teacher_loss,
   entropy, miniplm with the teacher's first 2 layers as the reference, or random, the control);
@@ -59,6 +61,10 @@ class Row:
     scoring: tuple[str, ...] = ()  # gradient-free passes over every token to score them
 
 
+STORED_ENTROPY = {"score": "entropy", "fraction": 1.0, "token_scores": True}
+"""`pipeline select` keys of a selection of every sequence that stores the teacher's entropy a token."""
+
+
 def _rows() -> dict[str, Row]:
     rows = {"all": Row()}
     for kind in ("entropy", "confidence", "tip", "random"):
@@ -67,6 +73,9 @@ def _rows() -> dict[str, Row]:
             f = p / 100
             keys = {"loss.kd_tokens": kind, "loss.kd_fraction": f}
             rows[f"kd-{kind}-{p}"] = Row(keys, None, f, f + (1 - f) * MASK_PROB, scoring)
+    for p in (50, 25, 10):  # the same entropy, read from the selection instead of rebuilt each step
+        keys = {**rows[f"kd-entropy-{p}"].overrides, "data.selection": "entropy-100"}
+        rows[f"kd-entropy-{p}-stored"] = Row(keys, STORED_ENTROPY, p / 100, rows[f"kd-entropy-{p}"].head_share)
     rows["kd-masked"] = Row({"loss.kd_positions": "masked"}, None, MASK_PROB, MASK_PROB)
     for score in ("teacher_loss", "entropy", "miniplm", "random"):
         keys = {"score": score, "fraction": 0.5, **({"reference": "teacher:2"} if score == "miniplm" else {})}
@@ -126,7 +135,7 @@ def main() -> None:
         for seed in seeds:
             print(f"[{time.strftime('%H:%M:%S')}] {name} seed {seed}: {steps} steps", flush=True)
             # a selection or more steps can outrun one epoch: passes enough that max_steps stops the run
-            more = {"epochs": 4} if row.select or compute else {}
+            more = {"epochs": 4} if (row.select and row.select["fraction"] < 1) or compute else {}
             overrides = {**more, **row.overrides, "max_steps": steps}
             runs[seed] = train(args, work, name.replace("@", "-at-"), cache, overrides, False, seed)
         trained = json.loads((Path(runs[seeds[0]]["run_dir"]) / "summary.json").read_text())["steps"]

@@ -1,7 +1,8 @@
 """train-student step time per KD mode reading the cache vs running the teacher online, one run.
 
     python benchmarks/bench_train.py [--shapes minilm,bert-base] [--modes exact,topk_tail,sampled,online,hf-distiller]
-                                     [--kd-tokens random-25,entropy-25,masked] [--codecs int8,nf4,pq,pca]
+                                     [--kd-tokens random-25,entropy-25,entropy-25-stored,masked]
+                                     [--codecs int8,nf4,pq,pca]
                                      [--steps 4] [--grad-accum 4] [--json OUT]
 
 For each shape one cache is built (top-64 + log-sum-exp, 64 samples at T = 2 and int8 hidden
@@ -20,8 +21,10 @@ large batches. Shapes:
 the teacher and student every step, unfused full-vocabulary KL) on the same micro-batches and
 student. `--kd-tokens` adds exact-mode runs that distil fewer tokens (`loss.kd_tokens` at a
 fraction, e.g. `random-25`; `masked`: `loss.kd_positions: masked`), the student's head only on
-those and the masked tokens. Every row also reports its tokens/s over `exact`'s and over
-`hf-distiller`'s.
+those and the masked tokens; `entropy-25-stored` reads the teacher's entropy from a selection that
+stores it a token (`pipeline select --score entropy --fraction 1 --set token_scores=true`, timed
+once) instead of rebuilding the logits each step. Every row also reports its tokens/s over
+`exact`'s and over `hf-distiller`'s.
 `--codecs` adds, per codec, a cache of only the hidden states in that codec (`logits: none`, the
 same rows) and times exact-mode training from it (`exact@<codec>`); with int8 among them, each
 codec's tokens/s over int8's (`--modes ""` times only these).
@@ -37,6 +40,7 @@ import platform
 import shutil
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -80,8 +84,10 @@ def build_cache(teacher: Path, work: Path, sequences: int, seq_len: int, hidden:
 
 
 def time_training(
-    cache: Path, out: Path, layers: int, steps: int, micro: int, accum: int, mode: str, loss: dict | None = None
+    cache: Path, out: Path, layers: int, steps: int, micro: int, accum: int, mode: str, keys: dict | None = None
 ) -> list[dict]:
+    """Step records of a train-student run; `keys`: its `loss` and `data` keys beside the defaults."""
+    keys = keys or {}
     online = mode == "online"
     raw = {
         "cache": str(cache),
@@ -91,19 +97,35 @@ def time_training(
         "eval_sequences": 1,
         "deepspeed_config": str(ROOT / "configs/deepspeed/zero2.json"),
         "student": {"layers": layers},
-        "data": {"micro_batch_size": micro, "grad_accum_steps": accum, "num_workers": 2},
-        "loss": {"kd_mode": "exact" if online else mode, **(loss or {})},
+        "data": {"micro_batch_size": micro, "grad_accum_steps": accum, "num_workers": 2, **keys.get("data", {})},
+        "loss": {"kd_mode": "exact" if online else mode, **keys.get("loss", {})},
     }
     run_train(from_dict(TrainConfig, raw), online_teacher=online)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
 
 
 def kd_tokens_keys(spec: str) -> dict:
-    """`random-25` -> loss.kd_tokens random at 25 %; `masked` -> KD on the masked tokens only."""
+    """`random-25` -> loss.kd_tokens random at 25 %; `masked` -> KD on the masked tokens only;
+    `entropy-25-stored` -> entropy at 25 %, read from the selection `entropy-100` (`stored_entropy`)."""
     if spec == "masked":
-        return {"kd_positions": "masked"}
-    kind, percent = spec.rsplit("-", 1)
-    return {"kd_tokens": kind, "kd_fraction": int(percent) / 100}
+        return {"loss": {"kd_positions": "masked"}}
+    stored = spec.endswith("-stored")
+    kind, percent = spec.removesuffix("-stored").rsplit("-", 1)
+    return {"loss": {"kd_tokens": kind, "kd_fraction": int(percent) / 100}} | (
+        {"data": {"selection": "entropy-100"}} if stored else {}
+    )
+
+
+def stored_entropy(cache: Path) -> float:
+    """Seconds `pipeline select` takes to store the teacher's entropy at every token of the cache
+    (once per cache: every run reads it)."""
+    from student_train.selection.config import SelectConfig
+    from student_train.selection.run import run_select
+
+    start = time.perf_counter()
+    keys = {"cache": str(cache), "score": "entropy", "fraction": 1.0, "token_scores": True}
+    run_select(from_dict(SelectConfig, keys))
+    return time.perf_counter() - start
 
 
 def time_hf_distiller(teacher_dir: Path, cache: Path, layers: int, total: int, micro: int, accum: int) -> list[dict]:
@@ -132,7 +154,9 @@ def main() -> None:
         "--modes", default="exact,topk_tail,sampled,online", help="KD modes, online, and hf-distiller (HF's step)"
     )
     p.add_argument(
-        "--kd-tokens", default="", help="exact-mode variants that distil fewer tokens, e.g. random-25,entropy-25,masked"
+        "--kd-tokens",
+        default="",
+        help="exact-mode variants that distil fewer tokens, e.g. random-25,entropy-25,entropy-25-stored,masked",
     )
     p.add_argument("--steps", type=int, default=4, help="measured optimizer steps per mode")
     p.add_argument("--warmup", type=int, default=1, help="steps left out of the medians")
@@ -160,7 +184,9 @@ def main() -> None:
         sequences = max(96, total * args.micro_batch * args.grad_accum + 32)
         cache = build_cache(teacher, work, sequences, args.seq_len) if modes != [""] else None
         runs = [(mode, cache, mode, None) for mode in modes if mode]
-        runs += [(f"exact+{k}", cache, "exact", kd_tokens_keys(k)) for k in args.kd_tokens.split(",") if k]
+        kd_tokens = [k for k in args.kd_tokens.split(",") if k]
+        runs += [(f"exact+{k}", cache, "exact", kd_tokens_keys(k)) for k in kd_tokens]
+        select_s = stored_entropy(cache) if any(k.endswith("-stored") for k in kd_tokens) else None
         runs += [(f"exact@{c}", build_cache(teacher, work, sequences, args.seq_len, c), "exact", None) for c in codecs]
         timed = {}
         for label, run_cache_dir, mode, loss in runs:
@@ -193,6 +219,7 @@ def main() -> None:
             "modes": timed,
             "exact_over_topk_tail": ratio,
             "exact_tok_s_over_int8": by_codec,
+            "select_entropy_s": select_s,
             "student_layers": layers,
             "teacher": str(teacher),
         }
@@ -219,6 +246,8 @@ def main() -> None:
             )
         if r["exact_over_topk_tail"]:
             print(f"{name:<11}exact / topk_tail throughput: {r['exact_over_topk_tail']:.3f}")
+        if r["select_entropy_s"] is not None:
+            print(f"{name:<11}pipeline select storing the entropy of every token: {r['select_entropy_s']:.1f} s, once")
         for codec, ratio in r["exact_tok_s_over_int8"].items():
             print(f"{name:<11}exact from {codec} / from int8 throughput: {ratio:.3f}")
     print(json.dumps(summary))

@@ -4,8 +4,11 @@ read by `train-student --set data.selection=NAME`. A selection never rewrites th
 Two files under `selections/`, the data first and the record last (the record's presence makes a
 selection exist):
 - `NAME.<sha16>.safetensors`: `keep_rows` (the split's row mask, packed little-endian bits, the
-  index a run reads), `sequence_index`, `score` and `kept` (one entry per sequence of the split);
-  its name carries its hash, so replacing a selection never leaves a record naming other bytes;
+  index a run reads), `sequence_index`, `score` and `kept` (one entry per sequence of the split),
+  and with `token_scores` also `token_score` ((rows, L) float16: the teacher's entropy at every
+  non-pad token, NaN elsewhere; what `loss.kd_tokens: entropy` reads instead of rebuilding the
+  logits each step); its name carries its hash, so replacing a selection never leaves a record
+  naming other bytes;
 - `NAME.json`: what made it (cache fingerprint, split, score, fraction, reference), the data
   file's size and sha256, and `record_sha256`, the hash of everything else in the record.
 A reader refuses a selection whose record or data was edited or damaged, or that was made from
@@ -32,7 +35,10 @@ FORMAT = "distilcache-selection"
 FORMAT_VERSION = 1
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 ARRAYS = ("keep_rows", "sequence_index", "score", "kept")
-SELECTION_KEYS = ("name", "score", "keep", "fraction", "reference", "sequences", "kept_sequences", "kept_rows")
+TOKEN_SCORE = "token_score"
+SELECTION_KEYS = (
+    "name", "score", "keep", "fraction", "reference", "sequences", "kept_sequences", "kept_rows", "token_scores",
+)  # fmt: skip
 """What a run records of the selection it read (with its data file's sha256)."""
 
 
@@ -52,7 +58,13 @@ def record_digest(record: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def encode_arrays(keep_rows: np.ndarray, sequence_index: np.ndarray, score: np.ndarray, kept: np.ndarray) -> bytes:
+def encode_arrays(
+    keep_rows: np.ndarray,
+    sequence_index: np.ndarray,
+    score: np.ndarray,
+    kept: np.ndarray,
+    token_score: np.ndarray | None = None,
+) -> bytes:
     """The data file (safetensors: the same bytes for the same arrays)."""
     packed = np.packbits(keep_rows.astype(bool), bitorder="little")
     tensors = {
@@ -61,6 +73,8 @@ def encode_arrays(keep_rows: np.ndarray, sequence_index: np.ndarray, score: np.n
         "score": torch.from_numpy(np.ascontiguousarray(score, dtype=np.float32)),
         "kept": torch.from_numpy(np.ascontiguousarray(kept, dtype=np.uint8)),
     }
+    if token_score is not None:
+        tensors[TOKEN_SCORE] = torch.from_numpy(np.ascontiguousarray(token_score, dtype=np.float16))
     return save_safetensors(tensors)
 
 
@@ -111,9 +125,12 @@ def read_record(storage: Storage, name: str) -> dict:
     return record
 
 
-def load_selection(storage: Storage, name: str, fingerprint: str, split: str, rows: int) -> tuple[dict, np.ndarray]:
-    """(record, (rows,) bool mask of the split's kept rows): every check a run makes before using
-    a selection: its record, its data file, the cache it was made from and the split's size."""
+def load_selection(
+    storage: Storage, name: str, fingerprint: str, split: str, rows: int
+) -> tuple[dict, np.ndarray, np.ndarray | None]:
+    """(record, (rows,) bool mask of the split's kept rows, (rows, L) float16 token scores or None):
+    every check a run makes before using a selection: its record, its data file, the cache it was
+    made from and the split's size."""
     record = read_record(storage, name)
     where = _where(storage, name)
     if record.get("cache_fingerprint") != fingerprint:
@@ -130,7 +147,10 @@ def load_selection(storage: Storage, name: str, fingerprint: str, split: str, ro
     keep = np.unpackbits(arrays["keep_rows"], count=rows, bitorder="little").astype(bool)
     if int(keep.sum()) != record.get("kept_rows"):
         raise CacheError(f"{where}: its row mask keeps {int(keep.sum())} rows, its record {record.get('kept_rows')}")
-    return record, keep
+    token_score = arrays.get(TOKEN_SCORE)
+    if token_score is not None and len(token_score) != rows:
+        raise CacheError(f"{where}: its token scores cover {len(token_score)} rows, the split has {rows}")
+    return record, keep, token_score
 
 
 def _where(storage: Storage, name: str) -> str:
@@ -153,8 +173,9 @@ def read_arrays(storage: Storage, record: dict, where: str) -> dict[str, np.ndar
         tensors = load_safetensors(blob)
     except SafetensorError as exc:  # a hash match makes this a format mismatch, not damage
         raise CacheError(f"{where}: its data file does not load ({exc}); rerun `pipeline select --overwrite`") from None
-    if set(tensors) != set(ARRAYS):
-        raise CacheError(f"{where}: its data file holds {sorted(tensors)}, not {list(ARRAYS)}")
+    expected = {*ARRAYS, TOKEN_SCORE} if record.get("token_scores") else set(ARRAYS)
+    if set(tensors) != expected:
+        raise CacheError(f"{where}: its data file holds {sorted(tensors)}, not {sorted(expected)}")
     return {k: v.numpy() for k, v in tensors.items()}
 
 

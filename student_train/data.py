@@ -34,12 +34,16 @@ from cache_format.layout import SplitLayout
 from cache_format.reader import CacheReader
 from cache_format.rng import STREAM_BLOCKS, STREAM_ROWS, derive_seed, permutation
 from cache_format.settings import CacheSettings
-from pipeline.errors import DistilcacheError
+from pipeline.errors import CacheError, DistilcacheError
 from pipeline.log import setup_logging
 from student_train.config import DataConfig, reader_options
 from student_train.follow import Follower
 
 CLOUD_ENV = ("AWS_", "GOOGLE_", "AZURE_", "DISTILCACHE_")
+ROW = "row"
+"""Each row's number in its split, carried from the workers to `CacheBatches` (which drops it)."""
+KD_SCORE = "kd_score"
+"""A selection's per-token scores of a micro-batch's rows (`loss.kd_tokens: entropy`)."""
 
 
 @dataclass(frozen=True)
@@ -185,19 +189,20 @@ class GroupDataset(Dataset):
         blocks = plan.groups[stream][group]
         parts = [reader.read_block(self.split, int(b), names) for b in blocks]
         data = {n: np.concatenate([p[n] for p in parts]) for n in names}
+        per_block = reader.layouts[self.split].block_rows  # each block's rows are consecutive rows of the split
+        starts = [int(b) * per_block for b in blocks]
+        data[ROW] = np.concatenate([a + np.arange(len(p["view"])) for a, p in zip(starts, parts, strict=True)])
         wanted = data["view"] == plan.view
-        if self.keep is not None:  # the selection's rows: each block's rows are consecutive rows of the split
-            per_block = reader.layouts[self.split].block_rows
-            starts = [int(b) * per_block for b in blocks]
-            wanted &= np.concatenate([self.keep[a : a + len(p["view"])] for a, p in zip(starts, parts, strict=True)])
+        if self.keep is not None:  # the selection's rows
+            wanted &= self.keep[data[ROW]]
         keep = np.flatnonzero(wanted)
         keep = keep[permutation(derive_seed(self.seed, epoch, stream, group), STREAM_ROWS, len(keep))]
-        return self._stored({n: data[n][keep] for n in names})
+        return self._stored({n: data[n][keep] for n in (*names, ROW)})
 
     def _stored(self, d: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """The rows as tensors of their stored dtypes (a quarter of the bytes of decoded ones, and
         no float conversion here): `to_device` decodes them inside the training step."""
-        out = {n: torch.from_numpy(np.ascontiguousarray(d[n])) for n in (*BASE_FIELDS, *self.fields.teacher)}
+        out = {n: torch.from_numpy(np.ascontiguousarray(d[n])) for n in (*BASE_FIELDS, ROW, *self.fields.teacher)}
         k = self.fields.topk_limit
         for name in ("topk_values", "topk_indices"):
             if name in out and k is not None:
@@ -231,6 +236,8 @@ def to_device(
         out["sample_counts"] = b["sample_counts"].float()
     if "logsumexp" in b:
         out["logsumexp"] = b["logsumexp"]
+    if KD_SCORE in b:
+        out[KD_SCORE] = b[KD_SCORE].float()
     return out
 
 
@@ -279,8 +286,10 @@ class CacheBatches:
         rank: int,
         world: int,
         keep: np.ndarray | None = None,
+        token_score: np.ndarray | None = None,
     ):
-        """`keep`: a selection's (rows,) mask of the split (data.selection): only those rows are read."""
+        """`keep`: a selection's (rows,) mask of the split (data.selection): only those rows are read;
+        `token_score`: its (rows, L) per-token scores, handed on with each row as `kd_score`."""
         if streams % world or (cfg.micro_batch_size * world) % streams:
             raise ValueError(
                 f"data.streams={streams} must be a multiple of the {world} process(es) and divide the global "
@@ -288,6 +297,7 @@ class CacheBatches:
             )
         self.reader, self.cfg, self.fields, self.seed = reader, cfg, fields, seed
         self.streams, self.rank, self.world, self.keep = streams, rank, world, keep
+        self.token_score = token_score
         self.layout = reader.layouts[cfg.split]
         self.epoch, self.batch = 0, 0
         self._plans: dict[int, EpochPlan] = {}
@@ -376,7 +386,23 @@ class CacheBatches:
                     buffers[s].add(pending[s].popleft(), drop=offset.pop(s, 0))
                 parts.append(buffers[s].take(plan.rows_per_stream))
             self.batch = batch + 1
-            yield {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+            yield self._with_scores({k: torch.cat([p[k] for p in parts]) for k in parts[0]})
+
+    def _with_scores(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The micro-batch without its split row numbers, and with a selection's token scores of
+        those rows (`kd_score`): here, in the main process, so workers never hold the scores."""
+        rows = batch.pop(ROW).numpy()
+        if self.token_score is None:
+            return batch
+        scores = self.token_score[rows]
+        valid = np.arange(scores.shape[1]) < batch["lengths"].numpy()[:, None]
+        if np.isnan(scores[valid]).any():  # select scores every non-pad token: this is not its file
+            raise CacheError(
+                f"selection {self.cfg.selection!r} has no token score at non-pad tokens of split rows "
+                f"{rows[(np.isnan(scores) & valid).any(1)][:5].tolist()}; rerun `pipeline select --overwrite`"
+            )
+        batch[KD_SCORE] = torch.from_numpy(scores)
+        return batch
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from pipeline.versions import library_versions
 from student_train import checkpoint, ds_config, losses, token_select
 from student_train.checks import check_cache, kd_mode_advice
 from student_train.config import TrainConfig, reader_options
-from student_train.data import CacheBatches, DevicePrefetch, FieldSelection, to_device
+from student_train.data import KD_SCORE, CacheBatches, DevicePrefetch, FieldSelection, to_device
 from student_train.evaluate import evaluate, load_rows, table
 from student_train.export import export_student
 from student_train.follow import CaptureStalled, Follower
@@ -144,19 +144,25 @@ class Trainer:
             self.reader.settings, set(self.reader.fields), kd, cosine, loss.temperature, loss.topk
         )
         streams = cfg.data.streams or self.world
-        self.selection, keep = None, None
+        self.selection, keep, token_score = None, None, None
         if cfg.data.selection:
             layout = self.reader.layouts[cfg.data.split]
-            record, keep = load_selection(
+            record, keep, token_score = load_selection(
                 self.reader.storage, cfg.data.selection, self.reader.settings.fingerprint, cfg.data.split, layout.rows
             )
-            self.selection = {k: record[k] for k in SELECTION_KEYS} | {"sha256": record["data"]["sha256"]}
+            self.selection = {k: record.get(k) for k in SELECTION_KEYS} | {"sha256": record["data"]["sha256"]}
             log.info(
                 "selection %s: %d of %d sequences (%s, %s, fraction %g)", record["name"], record["kept_sequences"],
                 record["sequences"], record["score"], record["keep"], record["fraction"],
             )  # fmt: skip
+            if token_score is not None and loss.kd_tokens == "entropy" and loss.alpha_ce > 0:
+                log.info("kd_tokens entropy: the teacher's per-token entropy read from the selection, not rebuilt")
+            else:
+                token_score = None
         try:
-            self.batches = CacheBatches(self.reader, cfg.data, fields, cfg.seed, streams, self.rank, self.world, keep)
+            self.batches = CacheBatches(
+                self.reader, cfg.data, fields, cfg.seed, streams, self.rank, self.world, keep, token_score
+            )
             per_epoch = [self.batches.plan(e).batches for e in range(int(np.ceil(cfg.epochs)))]
         except ValueError as exc:
             raise DistilcacheError(str(exc)) from None
@@ -310,7 +316,9 @@ class Trainer:
             return torch.zeros_like(candidates)
         if lcfg.kd_tokens == "all":
             return candidates
-        if lcfg.kd_tokens == "random":
+        if KD_SCORE in b:  # a selection's stored teacher entropy (`pipeline select --set token_scores=true`)
+            scores = b[KD_SCORE]
+        elif lcfg.kd_tokens == "random":
             scores = token_select.random_scores(
                 self.cfg.seed, b["view"].cpu().numpy(), b["sequence_index"].cpu().numpy(), candidates.shape[1]
             ).to(candidates.device)

@@ -125,8 +125,10 @@ def test_runs_read_only_the_selected_rows_in_the_seeded_order(cache):
     select(cache, score="random", fraction=0.25, seed=3)
     reader = CacheReader(cache)
     layout = reader.layouts["train"]
-    record, keep = load_selection(reader.storage, "random-25", reader.settings.fingerprint, "train", layout.rows)
-    assert record["kept_sequences"] == 16 and keep.sum() == 32
+    record, keep, token_score = load_selection(
+        reader.storage, "random-25", reader.settings.fingerprint, "train", layout.rows
+    )
+    assert record["kept_sequences"] == 16 and keep.sum() == 32 and token_score is None
     cfg = from_dict(TrainConfig, raw_cfg(cache, Path("unused"), **{"data.selection": "random-25"}))
     fields = FieldSelection.for_run(reader.settings, set(reader.fields), None, False, 2.0, None)
     batches = CacheBatches(reader, cfg.data, fields, 56, 2, 0, 1, keep)
@@ -220,6 +222,67 @@ def test_a_damaged_foreign_or_missing_selection_is_refused(cache, tmp_path):
     data.unlink()
     with pytest.raises(CacheError, match=r"its data file selections/half\..* is missing; rerun"):
         load_selection(reader.storage, "half", fp, "train", rows)
+
+
+def _teacher_entropy(cache: Path, teacher_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """((rows, L) the teacher's entropy at T = 1 recomputed by running it on the cached rows, (rows, L) non-pad)."""
+    from transformers import AutoModelForMaskedLM
+
+    model = AutoModelForMaskedLM.from_pretrained(teacher_dir).eval()
+    reader = CacheReader(cache)
+    rows = reader.read_rows("train", 0, reader.layouts["train"].rows, ["input_ids", "lengths"])
+    ids = torch.from_numpy(rows["input_ids"].astype(np.int64))
+    valid = torch.arange(ids.shape[1])[None] < torch.from_numpy(rows["lengths"])[:, None]
+    with torch.no_grad():
+        log_p = torch.log_softmax(model(input_ids=ids, attention_mask=valid.long()).logits, -1)
+    return -(log_p.exp() * log_p).sum(-1).numpy(), valid.numpy()
+
+
+def test_stored_token_scores_are_the_teachers_entropy_and_what_kd_tokens_entropy_reads(cache, tmp_path, assets):
+    with pytest.raises(ConfigError, match="token_scores: stores the teacher's entropy a token; set score: entropy"):
+        select(cache, score="teacher_loss", token_scores=True)
+    record = select(cache, score="entropy", fraction=1.0, token_scores=True, name="ent")
+    assert record["token_scores"] is True and record["kept_rows"] == record["rows"] == 128
+    _, arrays = stored(cache, "ent")
+    want, valid = _teacher_entropy(cache, assets.teacher)
+    scores = arrays["token_score"]
+    assert scores.dtype == np.float16 and scores.shape == want.shape
+    assert (np.isnan(scores) == ~valid).all(), "a score at every non-pad token, NaN at pads"
+    np.testing.assert_allclose(scores[valid].astype(np.float32), want[valid], rtol=2e-3, atol=2e-3)
+
+    reader = CacheReader(cache)
+    layout = reader.layouts["train"]
+    _, keep, token_score = load_selection(reader.storage, "ent", reader.settings.fingerprint, "train", layout.rows)
+    ids = reader.read_rows("train", 0, layout.rows, ["sequence_index", "view"])
+    keys = zip(ids["sequence_index"].tolist(), ids["view"].tolist(), strict=True)
+    row_of = {key: r for r, key in enumerate(keys)}
+    cfg = from_dict(TrainConfig, raw_cfg(cache, Path("unused"), **{"data.selection": "ent"}))
+    fields = FieldSelection.for_run(reader.settings, set(reader.fields), None, False, 2.0, None)
+    batch = next(iter(CacheBatches(reader, cfg.data, fields, 56, 2, 0, 1, keep, token_score)))
+    assert "row" not in batch
+    rows = [row_of[k] for k in zip(batch["sequence_index"].tolist(), batch["view"].tolist(), strict=True)]
+    np.testing.assert_array_equal(batch["kd_score"].numpy(), token_score[rows])
+    torn = token_score.copy()
+    torn[rows[0], 0] = np.nan  # a non-pad token without a score
+    with pytest.raises(
+        CacheError, match=rf"selection 'ent' has no token score at non-pad tokens of split rows \[{rows[0]}\]"
+    ):
+        next(iter(CacheBatches(reader, cfg.data, fields, 56, 2, 0, 1, keep, torn)))
+
+    # KD on the quarter of tokens of highest teacher entropy: read from the selection, or rebuilt each step
+    kd = {"loss.kd_tokens": "entropy", "loss.kd_fraction": 0.25, "max_steps": 3}
+    read = train(cache, tmp_path / "read", **kd, **{"data.selection": "ent"})
+    rebuilt = train(cache, tmp_path / "rebuilt", **kd)
+    assert read["selection"]["token_scores"] is True and "selection" not in rebuilt
+    np.testing.assert_allclose(losses_of(tmp_path / "read"), losses_of(tmp_path / "rebuilt"), rtol=1e-6)
+
+    record = read_record(reader.storage, "ent")
+    unscored = {**record, "token_scores": False}  # a record that no longer says what its data file holds
+    unscored["record_sha256"] = record_digest(unscored)
+    (cache / record_key("ent")).write_text(json.dumps(unscored))
+    holds = r"data file holds \['keep_rows', 'kept', 'score', 'sequence_index', 'token_score'\], not \['keep_rows'"
+    with pytest.raises(CacheError, match=holds):
+        load_selection(reader.storage, "ent", reader.settings.fingerprint, "train", layout.rows)
 
 
 @pytest.mark.integration

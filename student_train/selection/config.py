@@ -38,6 +38,10 @@ class SelectConfig:
     teacher: str | None = None
     """Teacher weights for `reference: teacher:N` (null: the name the cache records); their hash must match
     the cache's."""
+    token_scores: bool = False
+    """Also store the teacher's entropy at every token (score `entropy` only; 2 B a token): a run with
+    `loss.kd_tokens: entropy` and `data.selection` naming it reads these instead of rebuilding the
+    teacher's logits over every token each step (with `fraction: 1`, token selection alone)."""
     seed: int = 56
     """Seed of the `random` score."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -65,6 +69,8 @@ class SelectConfig:
             problems.append(f"reference: only `miniplm` uses one (score is {self.score})")
         if self.reference and self.reference.startswith("teacher:") and not self.reference[8:].isdigit():
             problems.append(f"reference: {self.reference!r}; write teacher:N with N the layers kept, e.g. teacher:2")
+        if self.token_scores and self.score != "entropy":
+            problems.append(f"token_scores: stores the teacher's entropy a token; set score: entropy, not {self.score}")
         if self.chunk_tokens < 1:
             problems.append("chunk_tokens: must be at least 1")
         return problems

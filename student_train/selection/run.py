@@ -39,7 +39,7 @@ from student_train.selection import scores
 from student_train.selection.config import SelectConfig
 
 log = logging.getLogger(__name__)
-IDENTITY_KEYS = ("split", "score", "keep", "fraction", "reference", "seed")
+IDENTITY_KEYS = ("split", "score", "keep", "fraction", "reference", "seed", "token_scores")
 """The config keys that decide a selection's contents (with the cache's fingerprint)."""
 
 Reference = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -69,7 +69,7 @@ def run_select(cfg: SelectConfig, overwrite: bool = False) -> dict:
         )
     device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     start = time.perf_counter()
-    sequence_index, sums, counts = _score_rows(reader, cfg, device)
+    sequence_index, sums, counts, token_score = _score_rows(reader, cfg, device)
     sequences, score, where = scores.per_sequence(sequence_index, sums, counts)
     if cfg.score == "random":
         score = uniforms(cfg.seed, STREAM_SEQUENCES, 0, sequences, 1)[:, 0]
@@ -91,13 +91,14 @@ def run_select(cfg: SelectConfig, overwrite: bool = False) -> dict:
         "kept_sequences": int(kept.sum()),
         "rows": len(keep_rows),
         "kept_rows": int(keep_rows.sum()),
+        "token_scores": cfg.token_scores,
         "score_mean": {"kept": _mean(score[kept]), "dropped": _mean(score[~kept])},
         "seconds": round(time.perf_counter() - start, 2),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": library_versions(),
         "config": {"identity": _identity(cfg), "select": to_dict(cfg)},
     }
-    data = encode_arrays(keep_rows, sequences, score.astype(np.float32), kept)
+    data = encode_arrays(keep_rows, sequences, score.astype(np.float32), kept, token_score)
     record = write_selection(reader.storage, record, data)
     log.info(
         "selection %s: kept %d of %d sequences (%d of %d rows) by %s (%s), mean score kept %.4g vs dropped %.4g, "
@@ -122,7 +123,8 @@ def _mean(x: np.ndarray) -> float | None:
 
 @torch.no_grad()
 def _score_rows(reader: CacheReader, cfg: SelectConfig, device: torch.device):
-    """(sequence index, score sum, scored tokens) of every row of the split, block by block."""
+    """(sequence index, score sum, scored tokens) of every row of the split, block by block, and with
+    `token_scores` each token's signal ((rows, L) float16, NaN where unscored)."""
     layout = reader.layouts[cfg.split]
     teacher = cfg.score != "random"
     names = ["input_ids", "labels", "lengths", "sequence_index"]
@@ -134,6 +136,8 @@ def _score_rows(reader: CacheReader, cfg: SelectConfig, device: torch.device):
     reference = _reference(reader, cfg, device) if cfg.score == "miniplm" else None
     sequence_index = np.empty(layout.rows, dtype=np.int64)
     sums, counts = np.zeros(layout.rows), np.zeros(layout.rows)
+    length = reader.fields["input_ids"].row_shape[0]
+    token_score = np.full((layout.rows, length), np.nan, np.float16) if cfg.token_scores else None
     dtype = reader.settings.outputs.hidden_dtype
     bar = tqdm(total=layout.rows, unit="seq", desc=f"select {cfg.score}", mininterval=1.0)
     for block in range(layout.blocks):
@@ -166,8 +170,10 @@ def _score_rows(reader: CacheReader, cfg: SelectConfig, device: torch.device):
             ]) if len(ref) else values  # fmt: skip
         row_sums, row_counts = scores.per_row(values, at.nonzero()[:, 0], n)
         sums[a : a + n], counts[a : a + n] = row_sums, row_counts
+        if token_score is not None:
+            token_score[a : a + n][at.cpu().numpy()] = values.cpu().numpy().astype(np.float16)
     bar.close()
-    return sequence_index, sums, counts
+    return sequence_index, sums, counts, token_score
 
 
 def _signal(score: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
