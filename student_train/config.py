@@ -72,9 +72,10 @@ class LossConfig:
     is less compute (entropy, confidence and tip need exact KD or the online teacher)."""
     kd_fraction: float = 1.0
     """Share of each row's KD positions `kd_tokens` keeps (rounded up), in (0, 1]."""
-    head_chunk_tokens: int = 512
+    head_chunk_tokens: int = 128
     """Rows per chunk of the student's vocabulary head, fused with its losses in forward and backward
-    (no (n, V) logits held: the memory of one chunk); 0 builds the (n, V) logits at once (the unfused
+    (no (n, V) logits held: the memory of one chunk; 128 is as fast as 512 on a CPU at 0.17x the
+    unfused head's peak, `benchmarks/bench_head.py`; on a GPU larger chunks, e.g. 4096); 0 builds the (n, V) logits at once (the unfused
     path; ZeRO-3 always takes it, its partitioned head weight gathered by the module's own hooks)."""
     alpha_ce: float = 5.0
     """Weight of the KD term (DistilBERT's name: the cross-entropy against the teacher's soft targets; the
