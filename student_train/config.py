@@ -75,8 +75,9 @@ class LossConfig:
     head_chunk_tokens: int = 128
     """Rows per chunk of the student's vocabulary head, fused with its losses in forward and backward
     (no (n, V) logits held: the memory of one chunk; 128 is as fast as 512 on a CPU at 0.17x the
-    unfused head's peak, `benchmarks/bench_head.py`; on a GPU larger chunks, e.g. 4096); 0 builds the (n, V) logits at once (the unfused
-    path; ZeRO-3 always takes it, its partitioned head weight gathered by the module's own hooks)."""
+    unfused head's peak, `benchmarks/bench_head.py`; on a GPU larger chunks, e.g. 4096); 0 builds
+    the (n, V) logits at once (the unfused path; ZeRO-3 always takes it, its partitioned head weight
+    gathered by the module's own hooks)."""
     alpha_ce: float = 5.0
     """Weight of the KD term (DistilBERT's name: the cross-entropy against the teacher's soft targets; the
     masked-LM cross-entropy is `alpha_mlm`)."""

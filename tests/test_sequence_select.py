@@ -238,11 +238,13 @@ def _teacher_entropy(cache: Path, teacher_dir: Path) -> tuple[np.ndarray, np.nda
     return -(log_p.exp() * log_p).sum(-1).numpy(), valid.numpy()
 
 
-def test_stored_token_scores_are_the_teachers_entropy_and_what_kd_tokens_entropy_reads(cache, tmp_path, assets):
+def test_stored_token_scores_are_the_teachers_entropy_and_what_kd_tokens_entropy_reads(cache, tmp_path, assets, caplog):
     with pytest.raises(ConfigError, match="token_scores: stores the teacher's entropy a token; set score: entropy"):
         select(cache, score="teacher_loss", token_scores=True)
-    record = select(cache, score="entropy", fraction=1.0, token_scores=True, name="ent")
+    with caplog.at_level("INFO", logger="student_train"):
+        record = select(cache, score="entropy", fraction=1.0, token_scores=True, name="ent")
     assert record["token_scores"] is True and record["kept_rows"] == record["rows"] == 128
+    assert any("vs dropped none, in" in r.getMessage() for r in caplog.records), "every sequence kept: none dropped"
     _, arrays = stored(cache, "ent")
     want, valid = _teacher_entropy(cache, assets.teacher)
     scores = arrays["token_score"]

@@ -100,11 +100,12 @@ def run_select(cfg: SelectConfig, overwrite: bool = False) -> dict:
     }
     data = encode_arrays(keep_rows, sequences, score.astype(np.float32), kept, token_score)
     record = write_selection(reader.storage, record, data)
+    means = {k: "none" if v is None else f"{v:.4g}" for k, v in record["score_mean"].items()}  # none: all kept
     log.info(
-        "selection %s: kept %d of %d sequences (%d of %d rows) by %s (%s), mean score kept %.4g vs dropped %.4g, "
+        "selection %s: kept %d of %d sequences (%d of %d rows) by %s (%s), mean score kept %s vs dropped %s, "
         "in %.1f s; train with --set data.selection=%s",
         name, record["kept_sequences"], record["sequences"], record["kept_rows"], record["rows"], cfg.score,
-        cfg.keep, record["score_mean"]["kept"], record["score_mean"]["dropped"], record["seconds"], name,
+        cfg.keep, means["kept"], means["dropped"], record["seconds"], name,
     )  # fmt: skip
     others = [n for n in list_selections(reader.storage) if n != name]
     if others:
