@@ -130,8 +130,14 @@ class LocalStorage:
             yield from self._walk(base, os.path.realpath(self.root), set())
 
     def _walk(self, directory: Path, root: str, seen: set[str]) -> Iterator[tuple[str, int]]:
+        """Another process may rename or remove files while they are listed (an atomic write's
+        temp file, a lease released): what is gone by the time it is looked at is not listed."""
         seen.add(os.path.realpath(directory))
-        with os.scandir(directory) as entries:
+        try:
+            entries = os.scandir(directory)
+        except FileNotFoundError:
+            return
+        with entries:
             for entry in entries:
                 path = Path(entry.path)
                 if entry.is_symlink():
@@ -147,7 +153,11 @@ class LocalStorage:
                 if entry.is_dir():
                     yield from self._walk(path, root, seen)
                 elif entry.is_file():
-                    yield str(path.relative_to(self.root)), entry.stat().st_size
+                    try:
+                        size = entry.stat().st_size
+                    except FileNotFoundError:
+                        continue
+                    yield str(path.relative_to(self.root)), size
 
     def sha256(self, key: str) -> str:
         """Streamed hash of the file at `key`."""

@@ -350,3 +350,34 @@ def test_resume_after_disk_full_checks_space_for_everything_before_writing(raw, 
     build(raw)
     assert head.stat().st_mtime_ns == mtime, "the intact head was not written again"
     assert verify_cache(cache).problems == []
+
+
+def test_a_file_renamed_while_its_directory_is_listed_is_not_listed(tmp_path, monkeypatch):
+    """Capture workers list `leases/` while another worker's atomic write renames its temp file:
+    the listing leaves out what vanished instead of failing the worker (seen once in CI)."""
+    import cache_format.storage as storage_module
+    from cache_format.storage import LocalStorage
+
+    storage = LocalStorage(tmp_path)
+    storage.write_bytes("leases/train-00001.0.json", b"{}")
+    storage.write_bytes("leases/.train-00007.0.json.123.partial", b"{}")
+    real_scandir = os.scandir
+
+    class Renamed:
+        """os.scandir of a directory whose temp file is renamed away right after it was read."""
+
+        def __init__(self, path):
+            self.entries = list(real_scandir(path))
+            (tmp_path / "leases" / ".train-00007.0.json.123.partial").rename(tmp_path / "leases" / "train-00007.0.json")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def __iter__(self):
+            return iter(self.entries)
+
+    monkeypatch.setattr(storage_module.os, "scandir", Renamed)
+    assert storage.list("leases") == ["leases/train-00001.0.json"]
