@@ -3,8 +3,9 @@
 The writer creates `locks/writer.json` exclusively (host, PID, start time, expiry); a second
 writer exits with a message naming the holder. A reader (a training run, evaluate, inspect)
 leaves a `locks/reader-*.json` lease while it runs, so `--overwrite` refuses to delete a cache
-that is being read. Independent capture workers claim a shard by creating
-`leases/<split>-<shard>.<generation>.json` exclusively. Every lock and lease carries an expiry
+that is being read. Independent capture workers leave a `locks/worker-*.json` lease while they
+run (so no one deletes a live worker's temp files as a killed writer's) and claim a shard by
+creating `leases/<split>-<shard>.<generation>.json` exclusively. Every lock and lease carries an expiry
 that a heartbeat thread renews while its process lives: one whose expiry passed, or whose
 process is gone (same host, PID not running), is stale — a dead worker's shard is taken over
 by creating the next generation. This works the same on a filesystem and on object storage
@@ -125,13 +126,14 @@ def describe(record: dict) -> str:
     )
 
 
-def live_holders(storage: Storage, exclude_token: str | None = None) -> list[str]:
-    """Descriptions of the live writer, readers and capture workers of a cache (stale locks are
-    removed; stale worker leases stay, they number the next generation)."""
+def live_holders(storage: Storage, exclude_token: str | None = None, kind: str | None = None) -> list[str]:
+    """Descriptions of the live writer, readers and capture workers of a cache, or only those of
+    one `kind` (stale locks are removed; stale shard leases stay, they number the next generation)."""
     holders = []
     for key in storage.list(LOCKS) + storage.list(LEASES):
         record = _read(storage, key)
-        if record is None or record.get("token") == exclude_token:
+        mine = exclude_token is not None and record is not None and record.get("token") == exclude_token
+        if record is None or mine or kind not in (None, record.get("kind")):
             continue
         if is_alive(record):
             holders.append(describe(record))
@@ -209,13 +211,13 @@ class WriterLock:
         self.release()
 
 
-class ReaderLease:
-    """A reader's mark on a cache while it runs (removed on close and at exit)."""
+class PresenceLease:
+    """A reader's or a capture worker's mark on a cache while it runs (removed on close and at exit)."""
 
-    def __init__(self, storage: Storage):
+    def __init__(self, storage: Storage, kind: str = "reader"):
         self.storage = storage
-        self.record = _record("reader")
-        self.key = f"{LOCKS}/reader-{self.record['host']}-{self.record['pid']}-{self.record['token'][:8]}.json"
+        self.record = _record(kind)
+        self.key = f"{LOCKS}/{kind}-{self.record['host']}-{self.record['pid']}-{self.record['token'][:8]}.json"
         try:
             self.storage.write_bytes(self.key, json.dumps(self.record).encode())
             HEARTBEAT.hold(self.storage, self.key, self.record, exclusive=False)

@@ -29,7 +29,7 @@ from cache_format.chunks import EMPTY, ChunkError, ChunkLayout, decode_chunk, de
 from cache_format.fitted import FIT_FILE, FITTED_CODECS, fit_from_bytes
 from cache_format.head import HEAD_FILE, load_head
 from cache_format.hidden import Fit
-from cache_format.lock import ReaderLease
+from cache_format.lock import PresenceLease
 from cache_format.manifest import fingerprint, manifest_problems
 from cache_format.mirror import ShardMirror
 from cache_format.open_checks import check_open
@@ -135,7 +135,7 @@ class CacheReader:
         self._indexes: OrderedDict[tuple[str, str, int], np.ndarray] = OrderedDict()
         self._teacher_dir: Path | None = None
         self._fit: Fit = None
-        self._lease = ReaderLease(self.storage) if lease else None
+        self._lease = PresenceLease(self.storage) if lease else None
 
     @property
     def path(self) -> Path:

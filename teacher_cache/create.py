@@ -97,7 +97,13 @@ def _resume(store: CacheStore, header: dict, header_torn: bool) -> str:
         storage.delete(MANIFEST)
     elif manifest is not None:
         return "complete"
-    storage.remove_partials()  # temp files of a killed writer (we hold the lock: none is running)
+    # temp files of a killed writer: we hold the writer lock, so no other capture writes, unless
+    # independent workers joined before us (they release the lock once joined; theirs are live)
+    workers = live_holders(storage, kind="worker")
+    if workers:
+        log.info("leaving temp files to the live capture workers (%s)", "; ".join(workers))
+    else:
+        storage.remove_partials()
     return "resume"
 
 

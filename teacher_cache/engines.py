@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 
-from cache_format.lock import TTL_S, Fence, ShardLease, WriterLock
+from cache_format.lock import TTL_S, Fence, PresenceLease, ShardLease, WriterLock
 from cache_format.storage import Storage, open_storage
 from cache_format.store import AlreadyCommitted, CacheStore
 from pipeline.config import from_dict, to_dict
@@ -82,8 +82,10 @@ def run_local(cfg: CacheConfig, overwrite: bool, dist: DistEnv, capture: ShardCa
             lock.release()
 
 
-def join_cache(storage: Storage, capture: ShardCapture, wait_s: float = 600.0) -> CacheStore:
-    """Create the cache (the first worker, under the writer lock) or join the one that exists."""
+def join_cache(storage: Storage, capture: ShardCapture, wait_s: float = 600.0) -> tuple[CacheStore, PresenceLease]:
+    """Create the cache (the first worker, under the writer lock) or join the one that exists; the
+    worker's presence lease, left before the lock is released, tells later joiners that its temp
+    files are live."""
     deadline = time.time() + wait_s
     while True:
         lock = WriterLock(storage)
@@ -98,7 +100,7 @@ def join_cache(storage: Storage, capture: ShardCapture, wait_s: float = 600.0) -
             store, state = open_for_capture(storage, capture.plan.header, overwrite=False, lock=lock)
             if state != "complete":
                 prepare(store, capture.plan, capture.corpus)
-            return store
+            return store, PresenceLease(storage, "worker")
         finally:
             lock.release()
 
@@ -107,7 +109,16 @@ def run_worker(cfg: CacheConfig, capture: ShardCapture, storage: Storage, index:
     """One coordinator-free capture worker (see the module docstring)."""
     if not 0 <= index < count:
         raise CacheError(f"--worker {index}/{count}: the index must be in [0, {count}); e.g. --worker 0/{count}")
-    store = join_cache(storage, capture)
+    store, presence = join_cache(storage, capture)
+    try:
+        _capture_leased(cfg, capture, store, index, count)
+    finally:
+        presence.close()
+
+
+def _capture_leased(cfg: CacheConfig, capture: ShardCapture, store: CacheStore, index: int, count: int) -> None:
+    """Claim and capture uncommitted shards, own share first, until every shard is committed."""
+    storage = store.storage
     if finalize(cfg, store, once=True):
         log.info("worker %d/%d: the cache is complete", index, count)
         return

@@ -180,10 +180,17 @@ def test_a_follower_of_two_capture_workers_trains_the_same_student(follow_cfg, t
     config = tmp_path / "capture.yaml"
     config.write_text(yaml.safe_dump({"cache": follow_cfg}))
     workers = [
-        subprocess.Popen(cli("cache-teacher", "--config", str(config), "--worker", f"{i}/2"), env=env())
+        subprocess.Popen(
+            cli("cache-teacher", "--config", str(config), "--worker", f"{i}/2"),
+            env=env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for i in range(2)
     ]
-    assert [w.wait(timeout=300) for w in workers] == [0, 0]
+    errors = [w.communicate(timeout=300)[1] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], "\n".join(e[-3000:] for e in errors)
     assert follower.finish() == 0, "".join(follower.lines)[-3000:]
     same_student(tmp_path / "followed", tmp_path / "after")
 

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -381,3 +382,34 @@ def test_a_file_renamed_while_its_directory_is_listed_is_not_listed(tmp_path, mo
 
     monkeypatch.setattr(storage_module.os, "scandir", Renamed)
     assert storage.list("leases") == ["leases/train-00001.0.json"]
+
+
+def test_a_joining_worker_leaves_a_live_workers_temp_files_and_removes_a_dead_ones(cache):
+    """A capture resumed under the writer lock deletes a killed writer's `*.partial` files, but a
+    worker joining while another captures must not take the other's half-written file for one
+    (seen in CI: "No such file or directory: …/leases/.train-00007.0.json….partial")."""
+    from cache_format.lock import PresenceLease, WriterLock
+    from cache_format.storage import LocalStorage
+    from teacher_cache.create import open_for_capture
+
+    storage = LocalStorage(cache)
+    (cache / "manifest.json").unlink()  # a capture under way
+    header = json.loads((cache / "cache.json").read_text())
+    temp = cache / "leases" / ".train-00007.0.json.4242.1.partial"
+
+    def join() -> str:
+        lock = WriterLock(storage).acquire()
+        try:
+            return open_for_capture(storage, header, overwrite=False, lock=lock)[1]
+        finally:
+            lock.release()
+
+    storage.write_bytes("leases/" + temp.name, b"{}")
+    worker = PresenceLease(storage, "worker")  # a live worker, writing that temp file
+    assert join() == "resume" and temp.exists(), "a live worker's temp file is left alone"
+    worker.close()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    record = {"kind": "worker", "host": socket.gethostname(), "pid": int(gone.stdout), "expires": time.time() + 60}
+    storage.write_bytes("locks/worker-killed.json", json.dumps(record).encode())  # a killed worker's lease
+    assert join() == "resume" and not temp.exists(), "a killed worker's temp file is removed"
+    assert not (cache / "locks" / "worker-killed.json").exists(), "and its stale lease"
