@@ -121,6 +121,21 @@ def test_a_selection_is_deterministic_reused_when_identical_and_refused_when_its
     )
 
 
+def test_a_selection_written_before_an_identity_key_existed_is_reused_by_the_same_command(cache, monkeypatch):
+    import student_train.selection.run as select_run
+
+    # a selection written by the version before `token_scores` (its identity has no such key)
+    monkeypatch.setattr(select_run, "IDENTITY_KEYS", tuple(k for k in select_run.IDENTITY_KEYS if k != "token_scores"))
+    first = select(cache, score="random", fraction=0.5)
+    assert "token_scores" not in first["config"]["identity"]
+    monkeypatch.undo()
+    mtime = (cache / record_key("random-50")).stat().st_mtime_ns
+    assert select(cache, score="random", fraction=0.5)["record_sha256"] == first["record_sha256"]
+    assert (cache / record_key("random-50")).stat().st_mtime_ns == mtime, "reused, not rewritten"
+    with pytest.raises(DistilcacheError, match=r"selection 'random-50' exists beside .* with another config or cache"):
+        select(cache, score="random", fraction=0.5, seed=7)
+
+
 def test_runs_read_only_the_selected_rows_in_the_seeded_order(cache):
     select(cache, score="random", fraction=0.25, seed=3)
     reader = CacheReader(cache)

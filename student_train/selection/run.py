@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import MISSING, fields
 
 import numpy as np
 import torch
@@ -41,6 +42,10 @@ from student_train.selection.config import SelectConfig
 log = logging.getLogger(__name__)
 IDENTITY_KEYS = ("split", "score", "keep", "fraction", "reference", "seed", "token_scores")
 """The config keys that decide a selection's contents (with the cache's fingerprint)."""
+IDENTITY_DEFAULTS = {
+    f.name: f.default for f in fields(SelectConfig) if f.name in IDENTITY_KEYS and f.default is not MISSING
+}
+"""A record written before a key existed was made with its default (e.g. `token_scores` false)."""
 
 Reference = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """(input ids (B, L), attention mask (B, L), positions (B, L) bool) -> (n, V) logits there."""
@@ -55,7 +60,8 @@ def run_select(cfg: SelectConfig, overwrite: bool = False) -> dict:
         raise DistilcacheError(f"split {cfg.split!r} is not in the cache (splits: {splits}); pick one")
     if reader.storage.exists(record_key(name)) and not overwrite:
         old = read_record(reader.storage, name)
-        if old.get("cache_fingerprint") == fp and old.get("config", {}).get("identity") == _identity(cfg):
+        identity = {**IDENTITY_DEFAULTS, **old.get("config", {}).get("identity", {})}
+        if old.get("cache_fingerprint") == fp and identity == _identity(cfg):
             log.info("selection %s exists with the same config: reused", name)
             return old
         raise DistilcacheError(
