@@ -243,33 +243,54 @@ def to_device(
 
 class DevicePrefetch:
     """The next micro-batch copied to the GPU while the current one trains (pinned host memory, a
-    side stream); on a CPU the batches pass through."""
+    side stream); on a CPU the batches pass through. `state_dict()` is the data position after the
+    batches handed out, not after the one fetched ahead: the position a checkpoint must record."""
 
-    def __init__(self, batches, device: torch.device):
-        self.batches, self.device = iter(batches), device
+    def __init__(self, batches: CacheBatches, device: torch.device, ahead: bool | None = None):
+        """`ahead`: fetch one batch ahead (default: on a GPU only; a test sets it on a CPU)."""
+        self.source, self.batches, self.device = batches, iter(batches), device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.ahead = self._fetch() if self.stream is not None else None
+        self.ahead = self.stream is not None if ahead is None else ahead
+        self.state = batches.state_dict()
+        self.fetched = self._fetch() if self.ahead else None
 
-    def _fetch(self) -> dict[str, torch.Tensor] | None:
-        batch = next(self.batches, None)
-        if batch is None:
+    def _fetch(self) -> tuple[dict[str, torch.Tensor], dict] | Exception | None:
+        """(the next batch, on its way to the device; the data position after it), None at the end,
+        or the error reading it raised: raised when that batch is asked for, not while the one
+        before it trains (a follower's stalled capture stops at the same step either way)."""
+        try:
+            batch = next(self.batches)
+        except StopIteration:
             return None
-        with torch.cuda.stream(self.stream):
-            return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
+        except Exception as exc:  # re-raised by __next__, unchanged
+            return exc
+        if self.stream is not None:
+            with torch.cuda.stream(self.stream):
+                batch = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
+        return batch, self.source.state_dict()
+
+    def state_dict(self) -> dict:
+        return self.state
 
     def __iter__(self) -> DevicePrefetch:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        if self.stream is None:
-            return next(self.batches)
-        torch.cuda.current_stream(self.device).wait_stream(self.stream)
-        batch = self.ahead
-        if batch is None:
+        if not self.ahead:
+            batch = next(self.batches)
+            self.state = self.source.state_dict()
+            return batch
+        fetched = self.fetched
+        if fetched is None:
             raise StopIteration
-        for value in batch.values():
-            value.record_stream(torch.cuda.current_stream(self.device))
-        self.ahead = self._fetch()
+        if isinstance(fetched, Exception):
+            raise fetched
+        batch, self.state = fetched
+        if self.stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+            for value in batch.values():
+                value.record_stream(torch.cuda.current_stream(self.device))
+        self.fetched = self._fetch()
         return batch
 
 

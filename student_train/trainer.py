@@ -222,7 +222,7 @@ class Trainer:
         while self.step < self.total_steps:
             sums = torch.zeros(7, dtype=torch.float64)
             t_step, wait = time.perf_counter(), 0.0
-            at_step_start = self.batches.state_dict()
+            at_step_start = batches.state_dict()
             for _ in range(accum):
                 t0 = time.perf_counter()
                 try:
@@ -241,7 +241,7 @@ class Trainer:
             _check_finite(self.step, sums)
             lr, skipped = self.engine.get_lr()[0], int(getattr(self.engine, "skipped_steps", 0))
             elapsed = time.perf_counter() - t_step
-            record = stats.update(self.step, sums, lr, elapsed, wait, self.batches.state_dict(), skipped)
+            record = stats.update(self.step, sums, lr, elapsed, wait, batches.state_dict(), skipped)
             self.metrics.write(record)
             bar.update(1)
             if self.rank == 0 and (self.step % cfg.log_every == 0 or self.step == self.total_steps):
@@ -249,10 +249,10 @@ class Trainer:
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
                 self._evaluate()
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
-                self.save_checkpoint()
+                self.save_checkpoint(batches.state_dict())
         bar.close()
         loop = stats.summary()  # the training loop's own time and throughput, before checkpoint and eval
-        self.save_checkpoint()
+        self.save_checkpoint(batches.state_dict())
         result = self._evaluate()
         if self.followed is not None:
             self.followed |= self._progress("at_end") | {"shards_read": self.batches.shards_read()}
@@ -367,12 +367,13 @@ class Trainer:
             lay.shards for lay in self.reader.layouts.values()
         ), f"complete_{when}": not self.reader.following}  # fmt: skip
 
-    def save_checkpoint(self, data_state: dict | None = None) -> Path:
+    def save_checkpoint(self, data_state: dict) -> Path:
         """DeepSpeed checkpoint + client state (step, data position, config) + every rank's RNG state;
-        `data_state`: the data position of this step's start (default: now)."""
+        `data_state`: the position after the micro-batches trained on (DevicePrefetch.state_dict(),
+        not the reader's, which may be a batch ahead)."""
         client = {
             "step": self.step,
-            "data": data_state or self.batches.state_dict(),
+            "data": data_state,
             "config": to_dict(self.cfg),
             "cache_fingerprint": self.reader.settings.fingerprint,
             "selection_sha256": None if self.selection is None else self.selection["sha256"],

@@ -8,7 +8,8 @@ import torch
 
 from cache_format.reader import CacheReader
 from student_train.config import DataConfig
-from student_train.data import CacheBatches, FieldSelection, plan_epoch, view_blocks
+from student_train.data import CacheBatches, DevicePrefetch, FieldSelection, plan_epoch, view_blocks
+from student_train.follow import CaptureStalled
 
 FIELDS = FieldSelection(("topk_values", "topk_indices", "logsumexp", "hidden"), lse_column=1)
 
@@ -97,6 +98,44 @@ def test_resume_mid_epoch_and_across_epochs_repeats_nothing(tiny_cache):
         for a, b in zip(reference[cut:], resumed, strict=True):
             assert rows(a) == rows(b)
             assert torch.equal(a["topk_values"], b["topk_values"])
+
+
+def test_a_batch_fetched_ahead_is_not_in_the_position_a_checkpoint_records(tiny_cache):
+    # DevicePrefetch reads one micro-batch ahead on a GPU (`ahead=True` runs that path on a CPU):
+    # a checkpoint taken after k batches must resume at batch k, not k + 1
+    reference, _ = batches(tiny_cache, 40)
+    _, source = batches(tiny_cache, 0)
+    feed = DevicePrefetch(source, torch.device("cpu"), ahead=True)
+    states = {}
+    for k in range(1, 24):
+        assert rows(next(feed)) == rows(reference[k - 1])
+        assert feed.state_dict() != source.state_dict(), "the reader is a batch ahead"
+        states[k] = feed.state_dict()
+    for cut in (5, 17, 23):
+        resumed, _ = batches(tiny_cache, 40 - cut, state=states[cut])
+        assert [rows(b) for b in resumed] == [rows(b) for b in reference[cut:]]
+
+
+def test_an_error_reading_ahead_is_raised_when_its_batch_is_asked_for():
+    class Stalls:  # two batches, then the capture stops committing
+        def __init__(self):
+            self.batch = 0
+
+        def state_dict(self) -> dict:
+            return {"batch": self.batch}
+
+        def __iter__(self):
+            for i in range(2):
+                self.batch = i + 1
+                yield {"x": torch.tensor([i])}
+            raise CaptureStalled("waited 1 s for train shard 00001")
+
+    feed = DevicePrefetch(Stalls(), torch.device("cpu"), ahead=True)
+    assert next(feed)["x"].item() == 0 and feed.state_dict() == {"batch": 1}
+    assert next(feed)["x"].item() == 1 and feed.state_dict() == {"batch": 2}, "handed out before the error"
+    with pytest.raises(CaptureStalled, match="waited 1 s for train shard 00001"):
+        next(feed)
+    assert feed.state_dict() == {"batch": 2}
 
 
 def test_worker_processes_give_the_same_batches(tiny_cache):
