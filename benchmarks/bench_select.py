@@ -131,11 +131,14 @@ def main() -> None:
         if row.select:
             argv = ["select", "--cache", str(cache), *[f"--set={k}={v}" for k, v in row.select.items()]]
             pipeline(*argv, log=work / f"select-{name}.log")
+        # passes over the rows the run reads, 10 % spare: an epoch can leave a group per stream unread
+        kept = args.sequences * (row.select["fraction"] if row.select else 1.0)
+        passes = math.ceil(steps * args.micro_batch / (0.9 * kept))
         runs = {}
         for seed in seeds:
             print(f"[{time.strftime('%H:%M:%S')}] {name} seed {seed}: {steps} steps", flush=True)
             # a selection or more steps can outrun one epoch: passes enough that max_steps stops the run
-            more = {"epochs": 4} if (row.select and row.select["fraction"] < 1) or compute else {}
+            more = {"epochs": max(4, passes)} if passes > 1 else {}
             overrides = {**more, **row.overrides, "max_steps": steps}
             runs[seed] = train(args, work, name.replace("@", "-at-"), cache, overrides, False, seed)
         trained = json.loads((Path(runs[seeds[0]]["run_dir"]) / "summary.json").read_text())["steps"]
